@@ -1,0 +1,95 @@
+"""Best-trial stage: pick the best checkpoint of the search, score it on the test split, export it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import train
+
+from raylocal.config import OBJECTIVE, Hyperparameters
+from raylocal.data import SearchData
+from raylocal.engine import evaluate, to_tensors
+from raylocal.export import export_model
+from raylocal.metrics import summarize
+from raylocal.model import build_model
+from raylocal.train import CHECKPOINT_FILE, TrialSettings
+
+TASK = "localize one MNIST digit pasted at a random position on a black 75x75 canvas"
+
+
+def best_checkpoint(result) -> tuple[Any, dict[str, Any]]:
+    """(checkpoint, metrics of its epoch) with the highest objective in one trial.
+
+    Inline trials report checkpoints to Tune; trials that ran a TorchTrainer report the
+    path of Train's checkpoint as a metric (TuneReportCallback), so both are looked at.
+    """
+    if result.best_checkpoints:
+        return max(result.best_checkpoints, key=lambda pair: pair[1][OBJECTIVE])
+    frame = result.metrics_dataframe
+    if frame is None or "checkpoint_path" not in frame:
+        raise RuntimeError(f"trial {result.path} reported no checkpoint")
+    row = frame.loc[frame[OBJECTIVE].idxmax()].to_dict()
+    return train.Checkpoint(row["checkpoint_path"]), row
+
+
+def load_model(checkpoint):
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    params = Hyperparameters(**state["hyperparameters"])
+    model = build_model(params.model_config())
+    model.load_state_dict(state["model"])
+    return model.eval(), params, state["epoch"]
+
+
+def export_best(results, data: SearchData, settings: TrialSettings, plan, *, search_seconds: float, log=print) -> dict[str, Any]:
+    errors = [result.error for result in results if result.error]
+    finished = [result for result in results if result.metrics and OBJECTIVE in result.metrics]
+    if not finished:
+        raise RuntimeError(f"no trial reported {OBJECTIVE}; first error: {errors[0] if errors else 'none'}")
+    best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="all", filter_nan_and_inf=True)
+    checkpoint, epoch_metrics = best_checkpoint(best)
+    model, params, epoch = load_model(checkpoint)
+    started = time.perf_counter()
+    device = torch.device("cpu")
+    test = summarize(evaluate(model, to_tensors(data.test.fetch(), device), params, device), "test")
+    log(f"best trial {best.metrics.get('trial_id')} epoch {epoch}: scored {data.test.rows:,} test canvases in "
+        f"{time.perf_counter() - started:.1f}s")
+    validation = {key: float(value) for key, value in epoch_metrics.items() if key.startswith("val_")}
+    summary = {
+        "task": TASK,
+        "experiment": plan.name,
+        "trial_id": best.metrics.get("trial_id"),
+        "epoch": epoch,
+        "objective": f"{OBJECTIVE}: mean over validation canvases of IoU x [predicted digit is right]",
+        "hyperparameters": params.__dict__.copy(),
+        "validation": validation,
+        "test": test,
+        "data": {
+            "source": data.source, "sha256": data.sha256, "verified": data.verified,
+            "train_canvases_per_epoch": data.train_epochs[0].rows, "val_canvases": data.val.rows,
+            "test_canvases": data.test.rows, "seed": data.seed,
+        },
+        "search": {
+            "settings": plan.experiment.describe(), "trials": len(results), "errored_trials": len(errors),
+            "backend": settings.backend, "workers_per_trial": settings.workers, "seed": settings.seed,
+            "wall_seconds_until_export": round(search_seconds, 1), "storage": f"{plan.storage}/{plan.name}",
+        },
+    }
+    summary["export_dir"] = str(export_model(model, plan.export_dir, summary, log=log))
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    hyper = summary["hyperparameters"]
+    rows = [("trial", f"{summary['trial_id']} (epoch {summary['epoch']})")]
+    rows += [(f"  {key}", f"{value:.4g}" if isinstance(value, float) else str(value)) for key, value in hyper.items()]
+    rows.append(("metric", "validation | test"))
+    for name in ("det_iou", "mean_iou", "accuracy", "iou50", "iou60", "iou75"):
+        val, test = summary["validation"].get(f"val_{name}"), summary["test"][f"test_{name}"]
+        rows.append((f"  {name}", f"{val:.4f} | {test:.4f}" if val is not None else f"   -   | {test:.4f}"))
+    rows.append(("export", summary["export_dir"]))
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(["", "Best trial", "=" * 40] + [f"{key:<{width}}  {value}" for key, value in rows])

@@ -1,0 +1,170 @@
+"""Train-loop stage: training steps, evaluation, and the epoch loop with reports and checkpoints.
+
+Pure PyTorch. The same `fit` runs inside a Tune trial process or on every Ray Train
+worker; the caller supplies the data of its rank and a `report` callback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raylocal.config import Hyperparameters
+from raylocal.metrics import SUM_NAMES, batch_sums, localization_loss, summarize
+from raylocal.model import build_model
+
+Arrays = dict[str, np.ndarray]
+Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
+EVAL_BATCH = 512
+
+
+def to_tensors(arrays: Arrays, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole split on the device once per epoch: images stay uint8 until batched (4x less memory)."""
+    pin = device.type == "cuda"
+
+    def move(array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array).copy())
+        return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=pin)
+
+    return move(arrays["image"]), move(arrays["box"]), move(arrays["label"])
+
+
+def as_batch(images: torch.Tensor) -> torch.Tensor:
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def autocast(device: torch.device):
+    # bf16 autocast on GPUs that support it; a no-op context on CPU.
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def all_reduce(sums: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums
+
+
+def train_steps(model, optimizer, scheduler, data, params: Hyperparameters, device) -> torch.Tensor:
+    images, boxes, labels = data
+    model.train()
+    sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=device)
+    for start in range(0, len(labels) - params.batch_size + 1, params.batch_size):
+        batch = slice(start, start + params.batch_size)
+        with autocast(device):
+            logits, pred_boxes = model(as_batch(images[batch]))
+            loss = localization_loss(logits.float(), pred_boxes.float(), labels[batch], boxes[batch], params.box_loss_weight, params.box_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        sums += batch_sums(loss.detach(), logits.detach(), pred_boxes.detach(), labels[batch], boxes[batch])
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, params: Hyperparameters, device) -> torch.Tensor:
+    """Loss and metric sums over `data`; evaluate the unwrapped module so no collective runs per batch."""
+    images, boxes, labels = data
+    model.eval()
+    sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=device)
+    for start in range(0, len(labels), EVAL_BATCH):
+        batch = slice(start, start + EVAL_BATCH)
+        with autocast(device):
+            logits, pred_boxes = model(as_batch(images[batch]))
+        logits, pred_boxes = logits.float(), pred_boxes.float()
+        loss = localization_loss(logits, pred_boxes, labels[batch], boxes[batch], params.box_loss_weight, params.box_loss)
+        sums += batch_sums(loss, logits, pred_boxes, labels[batch], boxes[batch])
+    return sums
+
+
+def make_optimizer(model: nn.Module, params: Hyperparameters, steps_per_epoch: int, epochs: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    # One-cycle over the full budget: trials that ASHA stops early were still compared
+    # at the same point of the same schedule.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=params.lr, total_steps=max(1, steps_per_epoch * epochs), pct_start=0.2
+    )
+    return optimizer, scheduler
+
+
+def fit(
+    params: Hyperparameters,
+    *,
+    max_epochs: int,
+    reports_per_epoch: int,
+    train_data: Callable[[int], Arrays],
+    val_data: Arrays,
+    train_rows: int,
+    report: Report,
+    device: torch.device,
+    wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
+    resume: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> None:
+    """Train for `max_epochs`, reporting metrics (aggregated over all workers) and a checkpoint
+    `reports_per_epoch` times per epoch, so that early stopping can act before a full epoch.
+
+    `train_data(epoch)` returns this rank's `train_rows` rows of that epoch's freshly placed
+    (and already shuffled) canvases; report r of an epoch trains on its r-th contiguous part.
+    `wrap` turns the model into its distributed form (DDP) after it is on the device.
+    `resume` is a checkpoint state written by an earlier call; training continues after it.
+    """
+    torch.manual_seed(seed)
+    model = build_model(params.model_config()).to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_report = train_rows // params.batch_size // reports_per_epoch
+    if steps_per_report < 1:
+        raise ValueError(
+            f"{train_rows} training rows per worker make less than one batch of {params.batch_size} per report"
+        )
+    rows_per_report = steps_per_report * params.batch_size
+    optimizer, scheduler = make_optimizer(model, params, steps_per_report * reports_per_epoch, max_epochs)
+    first_report = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        first_report = resume["report"]
+        # Dropout draws from the global generator; restoring it makes a resumed run exact.
+        torch.set_rng_state(resume["rng"])
+    model = wrap(model)
+    val = to_tensors(val_data, device)
+    epoch_data, loaded_epoch = None, None
+    for index in range(first_report, max_epochs * reports_per_epoch):
+        epoch, part = divmod(index, reports_per_epoch)
+        started = time.perf_counter()
+        if loaded_epoch != epoch:
+            epoch_data, loaded_epoch = to_tensors(train_data(epoch), device), epoch
+        chunk = tuple(column[part * rows_per_report : (part + 1) * rows_per_report] for column in epoch_data)
+        train_sums = all_reduce(train_steps(model, optimizer, scheduler, chunk, params, device))
+        train_seconds = time.perf_counter() - started
+        val_sums = all_reduce(evaluate(unwrap(model), val, params, device))
+        metrics = summarize(train_sums, "train") | summarize(val_sums, "val")
+        metrics |= {
+            "epoch": (index + 1) / reports_per_epoch,
+            "train_images_per_s": train_sums[0].item() / train_seconds,
+            "report_seconds": time.perf_counter() - started,
+        }
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "report": index + 1,
+            "rng": torch.get_rng_state(),
+            "epoch": (index + 1) / reports_per_epoch,
+            "hyperparameters": asdict(params),
+        }
+        report(metrics, state)

@@ -1,0 +1,67 @@
+"""Model stage: one convolutional trunk, two heads (digit logits, normalized box)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raylocal.config import ModelConfig
+from raylocal.synthesis import CANVAS
+
+NUM_CLASSES = 10
+
+
+def block_widths(config: ModelConfig) -> list[int]:
+    # Doubling per block, capped, keeps the cost of each block roughly equal.
+    return [min(config.width * 2**i, config.width * 8) for i in range(config.depth)]
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class Localizer(nn.Module):
+    """Returns (logits [N,10], boxes [N,4]) for float32 canvases [N,1,75,75] in [0,1].
+
+    Boxes are normalized (xmin, ymin, xmax, ymax). The head predicts centre and size
+    through sigmoids, so every box is well formed (xmin <= xmax), which GIoU needs; the
+    corners are clamped to the canvas.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        widths = block_widths(config)
+        blocks, channels = [], 1
+        for width in widths:
+            blocks.append(conv_block(channels, width))
+            channels = width
+        self.trunk = nn.Sequential(*blocks)
+        side = CANVAS
+        for _ in widths:
+            side //= 2
+        # Flatten, not global pooling: the box head needs to know where the ink is.
+        self.neck = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * side * side, config.head_width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(config.dropout),
+        )
+        self.classifier = nn.Linear(config.head_width, NUM_CLASSES)
+        self.box_head = nn.Linear(config.head_width, 4)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.neck(self.trunk(images))
+        centre_size = torch.sigmoid(self.box_head(features))
+        centre, size = centre_size[:, :2], centre_size[:, 2:]
+        boxes = torch.cat([centre - size / 2, centre + size / 2], dim=1).clamp(0.0, 1.0)
+        return self.classifier(features), boxes
+
+
+def build_model(config: ModelConfig) -> Localizer:
+    return Localizer(config)

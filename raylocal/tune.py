@@ -1,0 +1,249 @@
+"""Search stage and entry point: `python -m raylocal.tune --trials 50`.
+
+Starts (or joins) one Ray instance, synthesizes the data once with Ray Data, runs a Ray
+Tune search with Optuna's TPE sampler and ASHA early stopping, maximizing detection-style
+mean IoU on the validation split, then scores the best checkpoint on the test split and
+exports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+# The legacy CLIReporter is the one that can be told which columns matter.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Dimension, Experiment, load_experiment  # noqa: E402
+
+DRIVER_MEMORY = 512 * 1024**2
+SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
+SHOWN_METRICS = {OBJECTIVE: "val det IoU", "val_mean_iou": "val IoU", "val_accuracy": "val acc", "epoch": "epoch"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raylocal-tune",
+        description="Search hyperparameters of a digit localizer (MNIST on 75x75 canvases) with Ray Tune + Optuna, "
+        "then export the best model.",
+    )
+    parser.add_argument("--trials", type=int, help="number of trials (default: the experiment's, 50)")
+    parser.add_argument("--max-epochs", type=int, help="epochs of the longest trial (default: the experiment's)")
+    parser.add_argument("--experiment", type=Path, help="TOML file with search space and budget (see experiments/)")
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (>1: DDP)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
+    parser.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    parser.add_argument("--backend", choices=("auto", "inline", "ray-train"), default="auto",
+                        help="auto: train inside the Tune trial for one CPU worker, else a TorchTrainer")
+    parser.add_argument("--name", help="experiment name (default: <experiment>-<timestamp>)")
+    parser.add_argument("--storage", help="where trials and checkpoints go: local path or URI (default: ./raylocal_results)")
+    parser.add_argument("--export-dir", type=Path, help="where the best model goes (default: <storage>/<name>/best_model)")
+    parser.add_argument("--data-dir", type=Path, help="folder with the MNIST IDX files (else $RAYLOCAL_DATA_DIR, cache, download)")
+    parser.add_argument("--unverified-data", action="store_true",
+                        help="accept MNIST files whose SHA-256 differs from the official ones (e.g. test fixtures)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--address", help="join a running Ray cluster (auto or HOST:PORT) instead of starting one")
+    parser.add_argument("--smoke-test", action="store_true", help="tiny data, 2 trials, 1 epoch: checks the whole pipeline")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2, 3), default=1,
+                        help="Tune output: 0 silent, 1 status table (default), 2 + trial results, 3 + everything")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+@dataclass(frozen=True)
+class Plan:
+    experiment: Experiment
+    name: str
+    storage: str
+    export_dir: Path
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    experiment = load_experiment(args.experiment) if args.experiment else Experiment()
+    if args.smoke_test:
+        experiment = experiment.with_data(**asdict(SMOKE_DATA) | {"tight_boxes": experiment.data.tight_boxes})
+        experiment = experiment.with_budget(trials=2, max_epochs=1, reports_per_epoch=2, grace_period=1)
+    experiment = experiment.with_budget(trials=args.trials, max_epochs=args.max_epochs)
+    for flag in ("workers_per_trial", "cpus_per_worker"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
+    name = args.name or f"{experiment.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    storage = args.storage or str(Path("raylocal_results").absolute())
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().absolute())
+    export_dir = args.export_dir or Path(storage if "://" not in storage else "raylocal_results") / name / "best_model"
+    return Plan(experiment, name, storage, export_dir.absolute())
+
+
+def tune_space(space: tuple[Dimension, ...]) -> dict[str, Any]:
+    from ray import tune
+
+    def domain(dim: Dimension):
+        if dim.kind == "int":
+            return tune.randint(int(dim.low), int(dim.high) + 1)
+        if dim.kind == "loguniform":
+            return tune.loguniform(dim.low, dim.high)
+        if dim.kind == "uniform":
+            return tune.uniform(dim.low, dim.high)
+        return tune.choice(list(dim.values))
+
+    return {dim.name: domain(dim) for dim in space}
+
+
+def start_ray(address: str | None, log=print):
+    import ray
+
+    if address:
+        context = ray.init(address=address)
+        log(f"ray: joined cluster at {context.address_info['address']}")
+    else:
+        # One explicit local instance, dashboard on loopback only.
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        log("ray: started a local instance")
+    if context.dashboard_url:
+        log(f"ray: dashboard at http://{context.dashboard_url}")
+    return context
+
+
+def resolve_layout(args: argparse.Namespace, log=print) -> tuple[int, float, str, int]:
+    """(workers, gpus per worker, backend, concurrent trials) from flags and the cluster's resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
+    gpus_per_worker = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    workers = args.workers_per_trial
+    if gpus_per_worker * workers > gpus:
+        raise ConfigError(f"a trial asks for {gpus_per_worker * workers:g} GPUs but the cluster has {gpus:g}")
+    if args.cpus_per_worker * workers > cpus:
+        raise ConfigError(f"a trial asks for {args.cpus_per_worker * workers} CPUs but the cluster has {cpus}")
+    backend = args.backend
+    if backend == "auto":
+        backend = "inline" if workers == 1 and gpus_per_worker == 0 else "ray-train"
+    if backend == "inline" and workers > 1:
+        raise ConfigError("--backend inline trains one worker per trial; use ray-train for --workers-per-trial > 1")
+    concurrent = cpus // (args.cpus_per_worker * workers)
+    if gpus_per_worker:
+        concurrent = min(concurrent, int(gpus // (gpus_per_worker * workers)))
+    log(
+        f"layout: {cpus} CPUs, {gpus:g} GPUs; each trial: {workers} worker(s) x {args.cpus_per_worker} CPU"
+        f"{f' + {gpus_per_worker:g} GPU' if gpus_per_worker else ''}; backend: "
+        + ("inline (training runs inside the Tune trial, no extra processes)" if backend == "inline"
+           else f"Ray Train TorchTrainer, DDP over {'nccl' if gpus_per_worker else 'gloo'}")
+        + f"; up to {concurrent} trials at once"
+    )
+    return workers, gpus_per_worker, backend, max(1, concurrent)
+
+
+def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any]:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raylocal.data import build_search_data
+    from raylocal.mnist import load_mnist
+    from raylocal.best import export_best, summary_table
+    from raylocal.train import TrialSettings, run_trial
+
+    started = time.perf_counter()
+    experiment, budget = plan.experiment, plan.experiment.budget
+    workers, gpus_per_worker, backend, concurrent = resolve_layout(args, log)
+    mnist = load_mnist(args.data_dir, verify=not args.unverified_data, log=log)
+    data = build_search_data(mnist, experiment.data, budget.max_epochs, args.seed, log=log)
+    settings = TrialSettings(
+        max_epochs=budget.max_epochs, reports_per_epoch=budget.reports_per_epoch, workers=workers, cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=gpus_per_worker, backend=backend, storage_path=plan.storage,
+        experiment_name=plan.name, seed=args.seed, fixed=asdict(experiment.fixed),
+    )
+    # A trial that drives a TorchTrainer computes nothing itself: it holds no CPU (else the
+    # workers of a trial could never fit on a 2-core machine), only the memory it uses.
+    trial_resources = (
+        {"CPU": args.cpus_per_worker, "GPU": gpus_per_worker} if backend == "inline"
+        else {"CPU": 0, "memory": DRIVER_MEMORY}
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings), trial_resources)
+    sampler = optuna.samplers.TPESampler(
+        seed=args.seed, n_startup_trials=max(2, min(10, budget.trials // 4)), multivariate=True, constant_liar=True
+    )
+    space = tune_space(experiment.space)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE,
+            mode="max",
+            search_alg=OptunaSearch(sampler=sampler) if space else None,
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration", max_t=budget.max_reports,
+                grace_period=budget.grace_period, reduction_factor=budget.reduction_factor,
+            ),
+            num_samples=budget.trials,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=plan.storage,
+            progress_reporter=tune.CLIReporter(
+                metric_columns=SHOWN_METRICS, parameter_columns=[dim.name for dim in experiment.space],
+                max_report_frequency=30, sort_by_metric=True,
+            ),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"
+            ),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            verbose=args.verbose,
+        ),
+    )
+    log(f"search: {budget.trials} trials, up to {budget.max_epochs} epochs each, reporting {budget.reports_per_epoch}x "
+        f"per epoch; ASHA stops the worst after {budget.grace_period} report(s), reduction factor "
+        f"{budget.reduction_factor}; results in {plan.storage}/{plan.name}")
+    results = tuner.fit()
+    summary = export_best(results, data, settings, plan, search_seconds=time.perf_counter() - started, log=log)
+    log(summary_table(summary))
+    return summary
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    plan = build_plan(args)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        start_ray(args.address)
+    try:
+        return run_search(args, plan)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except Exception as error:
+        if args.debug or not isinstance(error, user_errors()):
+            raise
+        print(f"raylocal-tune: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from raylocal.export import ExportError
+    from raylocal.mnist import IdxFormatError, MnistHashError, MnistNotFoundError
+
+    return (ConfigError, ExportError, IdxFormatError, MnistHashError, MnistNotFoundError)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny MNIST in IDX files and one Ray instance for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylocal.mnist import write_idx_files
+
+TINY_TRAIN, TINY_TEST = 1200, 200
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def tiny_digits(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digit-like 28x28 images: a bright bar whose position encodes the label, so a model can learn it."""
+    labels = rng.integers(0, 10, count).astype(np.uint8)
+    images = rng.integers(0, 40, (count, 28, 28)).astype(np.uint8)
+    for index, label in enumerate(labels):
+        top = 2 + 2 * int(label)
+        images[index, top : top + 4, 6:22] = 255
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny_mnist")
+    rng = np.random.default_rng(7)
+    write_idx_files(directory, *tiny_digits(rng, TINY_TRAIN), *tiny_digits(rng, TINY_TEST))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one Ray instance of the test session (Ray Train refuses to pick among several)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # The dashboard is on because Ray Train cleans up placement groups through its state API.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

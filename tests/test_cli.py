@@ -1,0 +1,58 @@
+"""The command line's edge: flags become a validated plan before any Ray instance starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raylocal.config import Experiment
+from raylocal.tune import build_plan, cli, get_args_parser
+
+
+def plan_for(*flags: str):
+    return build_plan(get_args_parser().parse_args(list(flags)))
+
+
+def test_defaults_are_the_default_experiment_stored_under_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = plan_for("--name", "run1")
+    assert plan.experiment == Experiment()
+    assert plan.storage == str(tmp_path / "raylocal_results")
+    assert plan.export_dir == tmp_path / "raylocal_results" / "run1" / "best_model"
+
+
+def test_smoke_test_shrinks_data_and_budget():
+    budget = plan_for("--smoke-test").experiment.budget
+    data = plan_for("--smoke-test").experiment.data
+    assert (budget.trials, budget.max_epochs) == (2, 1)
+    assert data.train_digits is not None and data.train_digits <= 5000
+
+
+def test_flags_override_the_experiment_file():
+    plan = plan_for("--experiment", str(Path(__file__).parents[1] / "experiments" / "default.toml"), "--trials", "7")
+    assert plan.experiment.budget.trials == 7
+    assert plan.experiment.name == "default"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--trials", "0"], "--trials must be >= 1"),
+        (["--max-epochs", "0"], "--max-epochs must be >= 1"),
+        (["--workers-per-trial", "0"], "--workers-per-trial must be >= 1"),
+        (["--gpus-per-worker", "-1"], "--gpus-per-worker must be >= 0"),
+        (["--experiment", "/nonexistent/space.toml"], "does not exist"),
+    ],
+)
+def test_bad_flags_exit_with_one_clear_message(flags, message, capsys):
+    assert cli(flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_experiment_file_with_unknown_key_names_it(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text('[budget]\ntrials = 3\nepochs = 2\n')
+    assert cli(["--experiment", str(path)]) == 2
+    assert "budget.epochs" in capsys.readouterr().err

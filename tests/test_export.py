@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from raylocal import export
+from raylocal.config import ModelConfig
+from raylocal.export import (
+    EXPORT_FILES,
+    ExportError,
+    export_model,
+    load_program,
+    load_state_dict_model,
+    onnx_session,
+)
+from raylocal.model import Localizer
+
+CARD = {"trial": "abc123", "metrics": {"accuracy": 0.5, "mean_iou": 0.25}}
+
+
+def tiny_model() -> Localizer:
+    torch.manual_seed(0)
+    return Localizer(ModelConfig(depth=2, width=4, head_width=16))
+
+
+def canvases(batch: int) -> torch.Tensor:
+    return torch.rand(batch, 1, 75, 75, generator=torch.Generator().manual_seed(batch))
+
+
+def eager_outputs(model: Localizer, images: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [t.numpy() for t in model.eval()(images)]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> SimpleNamespace:
+    model = tiny_model()  # fresh modules are in training mode, which the export must keep
+    parent = tmp_path_factory.mktemp("exports")
+    lines: list[str] = []
+    path = export_model(model, parent / "run1", CARD, log=lines.append)
+    return SimpleNamespace(model=model, still_training=model.training, path=path, lines=lines)
+
+
+def test_writes_every_file_and_no_temp_dirs(exported):
+    assert sorted(p.name for p in exported.path.iterdir()) == sorted(EXPORT_FILES)
+    assert leftovers(exported.path.parent) == []
+    assert len(exported.lines) == len(EXPORT_FILES) + 1
+    assert str(exported.path) in exported.lines[-1]
+
+
+def test_keeps_caller_model_in_training_mode(exported):
+    assert exported.still_training
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_program_matches_eager(exported, batch):
+    images = canvases(batch)
+    with torch.no_grad():
+        actual = [t.numpy() for t in load_program(exported.path)(images)]
+    for want, got in zip(eager_outputs(exported.model, images), actual):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_onnx_matches_eager(exported):
+    images = canvases(2)
+    logits, boxes = onnx_session(exported.path).run(["logits", "boxes"], {"images": images.numpy()})
+    assert logits.shape == (2, 10) and boxes.shape == (2, 4)
+    want_logits, want_boxes = eager_outputs(exported.model, images)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(boxes, want_boxes, atol=1e-4, rtol=0)
+
+
+def test_state_dict_model_matches_eager(exported):
+    rebuilt = load_state_dict_model(exported.path)
+    assert rebuilt.config == exported.model.config
+    images = canvases(3)
+    for want, got in zip(eager_outputs(exported.model, images), eager_outputs(rebuilt, images)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_model_card(exported):
+    card = json.loads((exported.path / "model_card.json").read_text())
+    assert {k: card[k] for k in CARD} == CARD
+    assert set(card["files"]) == set(EXPORT_FILES) - {"model_card.json"}
+    for name, digest in card["files"].items():
+        assert hashlib.sha256((exported.path / name).read_bytes()).hexdigest() == digest
+    assert {"raylocal", "torch", "onnx", "onnxruntime", "numpy"} <= set(card["versions"])
+    assert card["exported_at"].endswith("+00:00")
+
+
+def test_existing_export_needs_overwrite(tmp_path):
+    target = tmp_path / "run"
+    export_model(tiny_model(), target, {"attempt": 1}, log=lambda _: None)
+    with pytest.raises(ExportError, match=re.escape(str(target))):
+        export_model(tiny_model(), target, {"attempt": 2}, log=lambda _: None)
+    assert json.loads((target / "model_card.json").read_text())["attempt"] == 1
+
+    export_model(tiny_model(), target, {"attempt": 3}, overwrite=True, log=lambda _: None)
+    assert json.loads((target / "model_card.json").read_text())["attempt"] == 3
+    assert sorted(p.name for p in target.iterdir()) == sorted(EXPORT_FILES)
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_mid_export_leaves_nothing(tmp_path):
+    # The card is written last, so this fails after every model file is on disk.
+    with pytest.raises(TypeError):
+        export_model(tiny_model(), tmp_path / "run", {"x": object()}, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_mismatch_raises(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "ATOL", 0.0)
+    with pytest.raises(ExportError, match="differs from eager"):
+        export_model(tiny_model(), tmp_path / "run", CARD, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_parent_raises(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ExportError, match="file"):
+        export_model(tiny_model(), blocker / "run", CARD, log=lambda _: None)

@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raylocal.synthesis import (
+    CANVAS,
+    DIGIT,
+    POSITIONS,
+    SplitPlan,
+    ink_extent,
+    num_shards,
+    paste,
+    shard_rng,
+    split_plan,
+    synthesize,
+    synthesize_shard,
+)
+
+SEED = 7
+
+
+def fake_digits(count: int, seed: int = 0) -> np.ndarray:
+    """Random uint8 strokes inside a random sub-rectangle of each 28x28 frame, never blank."""
+    rng = np.random.default_rng(seed)
+    digits = np.zeros((count, DIGIT, DIGIT), dtype=np.uint8)
+    for digit in digits:
+        top, left = rng.integers(0, DIGIT - 4, 2)
+        bottom, right = top + rng.integers(4, DIGIT - top + 1), left + rng.integers(4, DIGIT - left + 1)
+        patch = rng.integers(1, 256, (bottom - top, right - left)) * (rng.random((bottom - top, right - left)) < 0.5)
+        patch[0, 0] = patch[-1, -1] = 255
+        digit[top:bottom, left:right] = patch
+    return digits
+
+
+def pixel_boxes(boxes: np.ndarray) -> np.ndarray:
+    corners = boxes.astype(np.float64) * CANVAS
+    np.testing.assert_allclose(corners, np.rint(corners), atol=1e-4)
+    return np.rint(corners).astype(int)
+
+
+@pytest.fixture(scope="module")
+def source() -> tuple[np.ndarray, np.ndarray, SplitPlan]:
+    images = fake_digits(240)
+    labels = np.arange(240, dtype=np.uint8) % 10
+    return images, labels, split_plan(180, 60)
+
+
+def shard(source, split: str, epoch: int, index: int = 0, shard_size: int = 50, seed: int = SEED) -> dict:
+    images, labels, plan = source
+    return synthesize_shard(
+        images, labels, plan, seed=seed, split=split, epoch=epoch, shard=index, shard_size=shard_size
+    )
+
+
+@pytest.mark.parametrize("tight_boxes", [False, True])
+def test_synthesize_shapes_and_dtypes(tight_boxes):
+    canvases, boxes = synthesize(fake_digits(5), np.random.default_rng(0), tight_boxes)
+    assert canvases.shape == (5, CANVAS, CANVAS) and canvases.dtype == np.uint8
+    assert boxes.shape == (5, 4) and boxes.dtype == np.float32
+
+
+@pytest.mark.parametrize("tight_boxes", [False, True])
+def test_boxes_are_normalized_and_well_formed(tight_boxes):
+    _, boxes = synthesize(fake_digits(64), np.random.default_rng(1), tight_boxes)
+    assert boxes.min() >= 0.0 and boxes.max() <= 1.0
+    assert np.all(boxes[:, 0] < boxes[:, 2]) and np.all(boxes[:, 1] < boxes[:, 3])
+
+
+def test_frame_box_is_exactly_one_digit_wide():
+    _, boxes = synthesize(fake_digits(64), np.random.default_rng(2))
+    np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], DIGIT / CANVAS, atol=1e-6)
+    np.testing.assert_allclose(boxes[:, 3] - boxes[:, 1], DIGIT / CANVAS, atol=1e-6)
+    corners = pixel_boxes(boxes)
+    assert np.all(corners[:, 2:] - corners[:, :2] == DIGIT)
+
+
+@pytest.mark.parametrize("tight_boxes", [False, True])
+def test_all_ink_lies_inside_the_box(tight_boxes):
+    canvases, boxes = synthesize(fake_digits(32), np.random.default_rng(3), tight_boxes)
+    for canvas, (x0, y0, x1, y1) in zip(canvases, pixel_boxes(boxes)):
+        outside = canvas.copy()
+        outside[y0:y1, x0:x1] = 0
+        assert not outside.any()
+
+
+def test_tight_box_hugs_the_ink_inside_the_frame_box():
+    digits = fake_digits(32)
+    canvases, frames = synthesize(digits, np.random.default_rng(4))
+    _, tights = synthesize(digits, np.random.default_rng(4), tight_boxes=True)
+    frame, tight = pixel_boxes(frames), pixel_boxes(tights)
+    assert np.all(tight[:, :2] >= frame[:, :2]) and np.all(tight[:, 2:] <= frame[:, 2:])
+    for canvas, (x0, y0, x1, y1) in zip(canvases, tight):
+        crop = canvas[y0:y1, x0:x1]
+        assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
+
+
+def test_canvas_cropped_at_the_frame_box_is_the_digit():
+    digits = fake_digits(32)
+    canvases, boxes = synthesize(digits, np.random.default_rng(5))
+    for canvas, digit, (x0, y0, x1, y1) in zip(canvases, digits, pixel_boxes(boxes)):
+        np.testing.assert_array_equal(canvas[y0:y1, x0:x1], digit)
+
+
+def test_same_seed_gives_identical_bytes():
+    digits = fake_digits(16)
+    first = synthesize(digits, np.random.default_rng(11), tight_boxes=True)
+    second = synthesize(digits, np.random.default_rng(11), tight_boxes=True)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second))
+
+
+def test_train_reshuffles_and_replaces_digits_every_epoch(source):
+    first, second = shard(source, "train", epoch=0), shard(source, "train", epoch=1)
+    assert not np.array_equal(first["digit_index"], second["digit_index"])
+    assert not np.array_equal(first["box"], second["box"])
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_splits_keep_digit_order_but_move_digits_every_epoch(source, split):
+    first, second = shard(source, split, epoch=0), shard(source, split, epoch=1)
+    _, _, plan = source
+    np.testing.assert_array_equal(first["digit_index"], plan.indices(split)[:50])
+    np.testing.assert_array_equal(first["digit_index"], second["digit_index"])
+    assert not np.array_equal(first["box"], second["box"])
+
+
+def test_shard_columns_match_their_source_digits(source):
+    images, labels, _ = source
+    columns = shard(source, "train", epoch=3, index=1)
+    assert set(columns) == {"image", "box", "label", "digit_index"}
+    assert columns["label"].dtype == np.int64
+    np.testing.assert_array_equal(columns["label"], labels[columns["digit_index"]])
+    for canvas, index, (x0, y0, x1, y1) in zip(columns["image"], columns["digit_index"], pixel_boxes(columns["box"])):
+        np.testing.assert_array_equal(canvas[y0:y1, x0:x1], images[index])
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"seed": SEED + 1},
+        {"split": "val"},
+        {"split": "test"},
+        {"epoch": 1},
+        {"shard": 1},
+    ],
+    ids=lambda changed: next(iter(changed)) + "=" + str(next(iter(changed.values()))),
+)
+def test_shard_rng_depends_on_every_coordinate(changed):
+    base = {"seed": SEED, "split": "train", "epoch": 0, "shard": 0}
+    draw = shard_rng(**base).integers(0, 2**32, 8)
+    assert not np.array_equal(draw, shard_rng(**(base | changed)).integers(0, 2**32, 8))
+    np.testing.assert_array_equal(draw, shard_rng(**base).integers(0, 2**32, 8))
+
+
+def test_positions_are_uniform_integers_reaching_both_edges():
+    blank = np.zeros((3000, DIGIT, DIGIT), dtype=np.uint8)
+    _, boxes = synthesize(blank, np.random.default_rng(6))
+    corners = pixel_boxes(boxes)
+    for axis in (0, 1):
+        counts = np.bincount(corners[:, axis], minlength=POSITIONS)
+        assert len(counts) == POSITIONS
+        assert counts[0] > 0 and counts[POSITIONS - 1] > 0
+        assert counts.min() > 0.4 * counts.mean() and counts.max() < 1.6 * counts.mean()
+
+
+def test_paste_matches_a_naive_loop():
+    rng = np.random.default_rng(8)
+    digits = rng.integers(0, 256, (20, DIGIT, DIGIT), dtype=np.uint8)
+    xs, ys = rng.integers(0, POSITIONS, 20), rng.integers(0, POSITIONS, 20)
+    xs[:2], ys[:2] = [0, POSITIONS - 1], [POSITIONS - 1, 0]
+    expected = np.zeros((20, CANVAS, CANVAS), dtype=np.uint8)
+    for canvas, digit, x, y in zip(expected, digits, xs, ys):
+        canvas[y : y + DIGIT, x : x + DIGIT] = digit
+    np.testing.assert_array_equal(paste(digits, xs, ys), expected)
+
+
+def test_ink_extent_of_a_hand_made_digit():
+    digit = np.zeros((DIGIT, DIGIT), dtype=np.uint8)
+    digit[5, 9] = 1
+    digit[20, 3] = 200
+    digit[12, 17] = 9
+    np.testing.assert_array_equal(ink_extent(digit[None]), [[3, 5, 18, 21]])
+
+
+def test_ink_extent_touching_every_border_is_the_full_frame():
+    digit = np.zeros((DIGIT, DIGIT), dtype=np.uint8)
+    digit[0, 0] = digit[DIGIT - 1, DIGIT - 1] = 1
+    np.testing.assert_array_equal(ink_extent(digit[None]), [[0, 0, DIGIT, DIGIT]])
+
+
+def test_ink_extent_of_a_blank_digit_is_the_full_frame():
+    digits = np.zeros((2, DIGIT, DIGIT), dtype=np.uint8)
+    digits[1, 4:6, 7:9] = 50
+    np.testing.assert_array_equal(ink_extent(digits), [[0, 0, DIGIT, DIGIT], [7, 4, 9, 6]])
+
+
+def test_split_plan_of_full_mnist():
+    plan = split_plan(60000, 10000)
+    assert (len(plan.train), len(plan.val), len(plan.test)) == (55000, 5000, 10000)
+    assert np.intersect1d(plan.train, plan.val).size == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([plan.train, plan.val])), np.arange(60000))
+    np.testing.assert_array_equal(plan.test, np.arange(10000))
+    assert plan.indices("val") is plan.val
+
+
+def test_split_plan_needs_digits_left_for_training():
+    with pytest.raises(ValueError, match="training"):
+        split_plan(1, 10)
+
+
+@pytest.mark.parametrize(
+    "digits",
+    [
+        np.zeros((2, DIGIT, DIGIT), dtype=np.float32),
+        np.zeros((2, DIGIT, DIGIT), dtype=np.int64),
+        np.zeros((2, DIGIT, DIGIT + 1), dtype=np.uint8),
+        np.zeros((DIGIT, DIGIT), dtype=np.uint8),
+        np.zeros((2, 1, DIGIT, DIGIT), dtype=np.uint8),
+    ],
+    ids=["float32", "int64", "28x29", "unbatched", "channel-dim"],
+)
+def test_synthesize_rejects_wrong_shapes_and_dtypes(digits):
+    with pytest.raises(ValueError, match="uint8"):
+        synthesize(digits, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    ("size", "shard_size", "expected"), [(100, 50, 2), (101, 50, 3), (49, 50, 1), (1, 1, 1), (5000, 1, 5000)]
+)
+def test_num_shards_rounds_up(size, shard_size, expected):
+    plan = SplitPlan(train=np.arange(size), val=np.arange(1), test=np.arange(1))
+    assert num_shards(plan, "train", shard_size) == expected
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_any_shard_regenerates_alone_as_its_slice_of_the_epoch(source, split):
+    _, _, plan = source
+    count = num_shards(plan, split, 40)
+    shards = [shard(source, split, epoch=2, index=i, shard_size=40) for i in range(count)]
+    epoch = {key: np.concatenate([s[key] for s in shards]) for key in shards[0]}
+    np.testing.assert_array_equal(np.sort(epoch["digit_index"]), plan.indices(split))
+    for index in (1, count - 1):
+        alone = shard(source, split, epoch=2, index=index, shard_size=40)
+        for key, column in alone.items():
+            assert column.tobytes() == epoch[key][index * 40 : (index + 1) * 40].tobytes()
