@@ -148,7 +148,7 @@ class Dimension:
 # The default search; experiments/default.toml spells out the same (a test keeps them equal).
 DEFAULT_SPACE = (
     Dimension("depth", "int", 3, 5),
-    Dimension("width", "choice", values=(8, 12, 16)),
+    Dimension("width", "choice", values=(8, 16)),
     Dimension("lr", "loguniform", 5e-4, 1e-2),
     Dimension("box_loss_weight", "loguniform", 0.01, 1.0),
 )

@@ -65,50 +65,29 @@ def run_trial(config: dict[str, Any], data: SearchData, settings: TrialSettings)
         train_distributed(params, data, settings)
 
 
-def train_inline(params: Hyperparameters, data: SearchData, settings: TrialSettings) -> None:
-    # Ray sets OMP threads per actor, but torch may already have sized its pool.
+def fit_this_rank(
+    params: Hyperparameters,
+    data: SearchData,
+    settings: TrialSettings,
+    *,
+    session,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    wrap=lambda model: model,
+) -> None:
+    """`engine.fit` on this rank's share of the data; `session` is `ray.tune` or `ray.train`,
+    whose report/get_checkpoint/Checkpoint have the same shape but are different classes."""
     torch.set_num_threads(settings.cpus_per_worker)
-    device = torch.device(settings.device_kind)
 
-    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint_dir(state, directory)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-
-    fit(
-        params,
-        max_epochs=settings.max_epochs,
-        reports_per_epoch=settings.reports_per_epoch,
-        train_data=lambda epoch: data.train_epochs[epoch].fetch(),
-        val_data=data.val.fetch(),
-        train_rows=data.train_epochs[0].rows,
-        report=report,
-        device=device,
-        resume=load_checkpoint_state(tune.get_checkpoint()),
-        seed=settings.seed,
-    )
-
-
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker; DDP over the process group Ray Train set up."""
-    import ray.train.torch
-
-    params = Hyperparameters(**loop_config["params"])
-    data: SearchData = loop_config["data"]
-    settings: TrialSettings = loop_config["settings"]
-    context = train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(settings.cpus_per_worker)
-    device = ray.train.torch.get_device()
-
-    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        # Every rank must call report; only rank 0 writes the (identical) DDP state.
+    def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        # Every rank must report; only rank 0 writes the (identical) DDP state.
         if rank != 0:
-            train.report(metrics)
+            session.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint_dir(state, directory)
-            train.report(metrics, checkpoint=train.Checkpoint.from_directory(directory))
+            session.report(metrics, checkpoint=session.Checkpoint.from_directory(directory))
 
     fit(
         params,
@@ -119,9 +98,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         train_rows=data.train_epochs[0].rows // world_size,
         report=report,
         device=device,
-        wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
-        resume=load_checkpoint_state(train.get_checkpoint()),
+        wrap=wrap,
+        resume=load_checkpoint_state(session.get_checkpoint()),
         seed=settings.seed,
+    )
+
+
+def train_inline(params: Hyperparameters, data: SearchData, settings: TrialSettings) -> None:
+    fit_this_rank(params, data, settings, session=tune, rank=0, world_size=1, device=torch.device(settings.device_kind))
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker; DDP over the process group Ray Train set up."""
+    import ray.train.torch
+
+    context = train.get_context()
+    fit_this_rank(
+        Hyperparameters(**loop_config["params"]),
+        loop_config["data"],
+        loop_config["settings"],
+        session=train,
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
     )
 
 

@@ -1,0 +1,222 @@
+"""Evaluation entry point: `python -m raylocal.evaluate EXPORT_DIR`.
+
+Scores an export on the test split and draws what it sees. Only model.pt2 is loaded, so
+what is scored is the shipped artefact, not whatever the model code looks like today. The
+split is rebuilt from the model card's seed and shard size: placement is seeded per shard,
+so the same settings give the same canvases the search scored, whatever the digit count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import draw_bounding_boxes
+
+from raylocal.config import DataSettings
+from raylocal.engine import as_batch
+from raylocal.export import load_program
+from raylocal.metrics import SUM_NAMES, batch_sums, elementwise_iou, summarize
+from raylocal.mnist import IdxFormatError, MnistHashError, MnistNotFoundError, load_mnist
+from raylocal.synthesis import CANVAS, num_shards, split_plan, synthesize_shard
+
+SCALE = 3  # upscaling of drawn canvases, so captions and 2 px box outlines stay readable
+BOX_WIDTH = 2
+CAPTION_HEIGHT = 36
+PAD = 4
+COLUMNS, ROWS = 8, 4
+TRUE_COLOR, PRED_COLOR = "lime", "red"
+Arrays = dict[str, np.ndarray]
+FONT = ImageFont.load_default(size=13)
+
+
+class UsageError(RuntimeError):
+    """A file named on the command line is missing or unreadable."""
+
+
+USER_ERRORS = (UsageError, IdxFormatError, MnistHashError, MnistNotFoundError)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raylocal-evaluate",
+        description="Score an exported localizer (model.pt2) on the test split the search used; "
+        "write metrics.json, predictions.png and worst.png.",
+    )
+    parser.add_argument("export_dir", type=Path, help="folder written by raylocal.tune (holds model.pt2)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="folder with the MNIST IDX files (else $RAYLOCAL_DATA_DIR, cache, download)")
+    parser.add_argument("--unverified-data", action="store_true",
+                        help="accept MNIST files whose SHA-256 differs from the official ones (e.g. test fixtures)")
+    parser.add_argument("--out", type=Path, help="where the results go (default: EXPORT_DIR/evaluation)")
+    parser.add_argument("--seed", type=int, help="placement seed (default: the model card's)")
+    parser.add_argument("--limit", type=positive_int, help="score only the first N test digits (default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def load_export(export_dir: Path) -> torch.nn.Module:
+    path = export_dir / "model.pt2"
+    if not path.is_file():
+        raise UsageError(f"{export_dir} is not an export: it has no model.pt2")
+    try:
+        return load_program(export_dir)
+    except Exception as error:  # torch raises many kinds for a truncated or foreign file
+        raise UsageError(f"{path}: cannot load: {type(error).__name__}: {error}") from error
+
+
+def run_program(program: torch.nn.Module, canvases: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, boxes) for uint8 canvases [N,75,75], scaled exactly as in training."""
+    with torch.inference_mode():
+        return program(as_batch(torch.from_numpy(canvases)))
+
+
+def draw_tile(
+    canvas: np.ndarray, boxes: Sequence[tuple[Sequence[float], str]], caption: Sequence[str], color: str
+) -> Image.Image:
+    """A uint8 canvas upscaled SCALE times with (normalized box, colour) outlines, in order, above a caption."""
+    side = CANVAS * SCALE
+    big = np.repeat(np.repeat(canvas, SCALE, axis=0), SCALE, axis=1)
+    pixels = torch.tensor([list(box) for box, _ in boxes], dtype=torch.float32) * side
+    drawn = draw_bounding_boxes(torch.from_numpy(np.stack([big] * 3)), pixels.round(),
+                                colors=[c for _, c in boxes], width=BOX_WIDTH)
+    tile = Image.new("RGB", (side, side + CAPTION_HEIGHT))
+    tile.paste(Image.fromarray(drawn.permute(1, 2, 0).numpy()))
+    ImageDraw.Draw(tile).multiline_text((4, side + 3), "\n".join(caption), fill=color, font=FONT)
+    return tile
+
+
+def grid(tiles: Sequence[Image.Image]) -> Image.Image:
+    width, height = tiles[0].size
+    columns, rows = min(COLUMNS, len(tiles)), -(-len(tiles) // COLUMNS)
+    sheet = Image.new("RGB", (columns * (width + PAD) + PAD, rows * (height + PAD) + PAD), "dimgray")
+    for index, tile in enumerate(tiles):
+        sheet.paste(tile, (PAD + index % COLUMNS * (width + PAD), PAD + index // COLUMNS * (height + PAD)))
+    return sheet
+
+
+def rebuild_test_split(mnist, seed: int, data: DataSettings, limit: int | None) -> Arrays:
+    count = len(mnist.test_images) if limit is None else min(limit, len(mnist.test_images))
+    plan = split_plan(len(mnist.train_images), count)
+    shards = [
+        synthesize_shard(mnist.test_images, mnist.test_labels, plan, seed=seed, split="test", epoch=0,
+                         shard=shard, shard_size=data.shard_size, tight_boxes=data.tight_boxes)
+        for shard in range(num_shards(plan, "test", data.shard_size))
+    ]
+    return {key: np.concatenate([shard[key] for shard in shards]) for key in ("image", "box", "label")}
+
+
+def score(program: torch.nn.Module, split: Arrays, batch_size: int) -> tuple[torch.Tensor, Arrays]:
+    """Metric sums, and per canvas: predicted label, confidence, box and IoU."""
+    sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64)
+    parts = []
+    # Batched because box_iou builds the full N x N matrix that elementwise_iou takes the diagonal of.
+    for start in range(0, len(split["label"]), batch_size):
+        rows = slice(start, start + batch_size)
+        logits, boxes = run_program(program, split["image"][rows])
+        labels, target = torch.from_numpy(split["label"][rows]), torch.from_numpy(split["box"][rows])
+        # The loss slot stays 0: the loss depends on training hyperparameters, not on the artefact.
+        sums += batch_sums(torch.zeros(()), logits, boxes, labels, target)
+        confidence, predicted = logits.softmax(dim=1).max(dim=1)
+        parts.append((predicted, confidence, boxes, elementwise_iou(boxes, target)))
+    columns = [torch.cat(column).numpy() for column in zip(*parts)]
+    return sums, dict(zip(("label", "confidence", "box", "iou"), columns))
+
+
+def tiles_for(indices: np.ndarray, split: Arrays, outputs: Arrays) -> list[Image.Image]:
+    tiles = []
+    for i in indices:
+        wrong = outputs["label"][i] != split["label"][i]
+        caption = [f"pred {outputs['label'][i]} ({outputs['confidence'][i]:.2f}) / true {split['label'][i]}",
+                   f"IoU {outputs['iou'][i]:.2f}"]
+        boxes = [(split["box"][i], TRUE_COLOR), (outputs["box"][i], PRED_COLOR)]
+        tiles.append(draw_tile(split["image"][i], boxes, caption, PRED_COLOR if wrong else "white"))
+    return tiles
+
+
+def metrics_table(metrics: dict[str, float], reference: dict[str, float]) -> str:
+    rows = [("metric", f"{'value':<6}" + (" | model card" if reference else ""))]
+    for key, value in metrics.items():
+        cell = f"{value:.4f}" + (f" | {reference[key]:.4f}" if key in reference else "")
+        rows.append((key.removeprefix("test_"), cell))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {cell}".rstrip() for name, cell in rows)
+
+
+def read_card(export_dir: Path, log) -> dict:
+    path = export_dir / "model_card.json"
+    if not path.exists():
+        log(f"WARNING: no {path}: default seed and shard size; the split may differ from the search's")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path}: unreadable: {error}") from error
+
+
+def main(args: argparse.Namespace, log=print) -> dict:
+    program = load_export(args.export_dir)
+    card = read_card(args.export_dir, log)
+    searched = card.get("search", {}).get("settings", {}).get("data", {})
+    data = DataSettings(**{key: searched[key] for key in ("shard_size", "tight_boxes") if key in searched})
+    seed = args.seed if args.seed is not None else card.get("data", {}).get("seed", 0)
+    mnist = load_mnist(args.data_dir, verify=not args.unverified_data, log=log)
+    split = rebuild_test_split(mnist, seed, data, args.limit)
+    count = len(split["label"])
+    log(f"data: {count:,} test canvases, seed {seed}, shard size {data.shard_size}, "
+        f"{'tight ink' if data.tight_boxes else '28x28 frame'} boxes")
+    started = time.perf_counter()
+    sums, outputs = score(program, split, args.batch_size)
+    metrics = {key: value for key, value in summarize(sums, "test").items() if key != "test_loss"}
+    # The card's test metrics are comparable only when they cover the same canvases.
+    same_split = count == card.get("data", {}).get("test_canvases") and args.seed is None
+    log(f"scored {count:,} canvases with {args.export_dir / 'model.pt2'} in {time.perf_counter() - started:.1f}s\n"
+        + metrics_table(metrics, card.get("test", {}) if same_split else {}))
+
+    out = args.out or args.export_dir / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "export_dir": str(args.export_dir.absolute()), "canvases": count, "metrics": metrics,
+        "data": {"source": mnist.source, "verified": mnist.verified, "seed": seed,
+                 "shard_size": data.shard_size, "tight_boxes": data.tight_boxes},
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    shown = COLUMNS * ROWS
+    # Lowest det-IoU first; among the many misclassified (all 0), the worst boxes first.
+    worst = np.lexsort((outputs["iou"], outputs["iou"] * (outputs["label"] == split["label"])))[:shown]
+    grid(tiles_for(np.arange(min(shown, count)), split, outputs)).save(out / "predictions.png")
+    grid(tiles_for(worst, split, outputs)).save(out / "worst.png")
+    log(f"wrote metrics.json, predictions.png (first {min(shown, count)}) and worst.png "
+        f"(lowest det IoU; green: true box, red: predicted) to {out}")
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except Exception as error:
+        if args.debug or not isinstance(error, USER_ERRORS):
+            raise
+        print(f"raylocal-evaluate: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
