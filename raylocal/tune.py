@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -81,6 +82,20 @@ def build_plan(args: argparse.Namespace) -> Plan:
         storage = str(Path(storage).expanduser().absolute())
     export_dir = args.export_dir or Path(storage if "://" not in storage else "raylocal_results") / name / "best_model"
     return Plan(experiment, name, storage, export_dir.absolute())
+
+
+def check_destinations(plan: Plan) -> None:
+    """Fail before the search, not after it, when its results could not be written."""
+    if plan.export_dir.exists() and any(plan.export_dir.iterdir()):
+        raise ConfigError(f"export folder {plan.export_dir} already holds files; choose another --export-dir or --name")
+    local = [Path(plan.storage) / plan.name] if "://" not in plan.storage else []
+    for folder in [*local, plan.export_dir.parent]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise ConfigError(f"cannot write to {folder}: {error.strerror or error}") from None
 
 
 def tune_space(space: tuple[Dimension, ...]) -> dict[str, Any]:
@@ -218,6 +233,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     plan = build_plan(args)
+    check_destinations(plan)
     owns_ray = not ray.is_initialized()
     if owns_ray:
         start_ray(args.address)

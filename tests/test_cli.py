@@ -56,3 +56,19 @@ def test_experiment_file_with_unknown_key_names_it(tmp_path, capsys):
     path.write_text('[budget]\ntrials = 3\nepochs = 2\n')
     assert cli(["--experiment", str(path)]) == 2
     assert "budget.epochs" in capsys.readouterr().err
+
+
+def test_an_export_folder_that_already_holds_files_is_refused_before_any_search(tmp_path, capsys):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.pt2").write_text("an earlier export")
+    assert cli(["--storage", str(tmp_path / "results"), "--export-dir", str(export)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (export / "model.pt2").read_text() == "an earlier export"
+
+
+def test_an_unwritable_storage_is_refused_before_any_search(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert cli(["--storage", str(blocker / "results")]) == 2
+    assert "cannot write to" in capsys.readouterr().err

@@ -58,7 +58,11 @@ def bootstrap(config: dict, monkeypatch) -> dict:
 
 @pytest.fixture
 def config(monkeypatch) -> dict:
-    return bootstrap(raw_config(), monkeypatch)
+    try:
+        return bootstrap(raw_config(), monkeypatch)
+    except jsonschema.ValidationError as error:  # the schema's own message, without jsonschema's docstrings
+        where = "/".join(map(str, error.absolute_path)) or "the top level"
+        pytest.fail(f"cluster.yaml fails ray-schema.json at {where}: {error.message}")
 
 
 def node_types(config: dict) -> tuple[dict, dict]:
@@ -99,8 +103,7 @@ def test_one_cpu_head_and_an_autoscaling_gpu_worker_group(config):
 def test_dashboard_is_bound_to_loopback_and_workers_join_the_head(config):
     head_tokens = start_command(config["head_start_ray_commands"])
     assert "--head" in head_tokens
-    assert "--dashboard-host=127.0.0.1" in head_tokens
-    assert not any(token.startswith("--dashboard-host") and token != "--dashboard-host=127.0.0.1" for token in head_tokens)
+    assert [token for token in head_tokens if token.startswith("--dashboard-host")] == ["--dashboard-host=127.0.0.1"]
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_tokens
     assert "--port=6379" in head_tokens
     assert "0.0.0.0" not in " ".join(config["head_start_ray_commands"])
