@@ -91,5 +91,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         val, test = summary["validation"].get(f"val_{name}"), summary["test"][f"test_{name}"]
         rows.append((f"  {name}", f"{val:.4f} | {test:.4f}" if val is not None else f"   -   | {test:.4f}"))
     rows.append(("export", summary["export_dir"]))
+    if "report" in summary:
+        rows.append(("report", summary["report"]))
     width = max(len(key) for key, _ in rows)
     return "\n".join(["", "Best trial", "=" * 40] + [f"{key:<{width}}  {value}" for key, value in rows])

@@ -48,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="folder with the MNIST IDX files (else $RAYLOCAL_DATA_DIR, cache, download)")
     parser.add_argument("--unverified-data", action="store_true",
                         help="accept MNIST files whose SHA-256 differs from the official ones (e.g. test fixtures)")
+    parser.add_argument("--optuna-storage", metavar="URL",
+                        help="also keep the Optuna study in this storage (e.g. sqlite:///optuna.db) for optuna-dashboard")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", help="join a running Ray cluster (auto or HOST:PORT) instead of starting one")
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 2 trials, 1 epoch: checks the whole pipeline")
@@ -164,9 +166,10 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from raylocal.best import export_best, summary_table
     from raylocal.data import build_search_data
     from raylocal.mnist import load_mnist
-    from raylocal.best import export_best, summary_table
+    from raylocal.report import write_report
     from raylocal.train import TrialSettings, run_trial
 
     started = time.perf_counter()
@@ -190,13 +193,14 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
         seed=args.seed, n_startup_trials=max(2, min(10, budget.trials // 4)), multivariate=True, constant_liar=True
     )
     space = tune_space(experiment.space)
+    optuna_storage = optuna.storages.RDBStorage(args.optuna_storage) if args.optuna_storage else None
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE,
             mode="max",
-            search_alg=OptunaSearch(sampler=sampler) if space else None,
+            search_alg=OptunaSearch(sampler=sampler, study_name=plan.name, storage=optuna_storage) if space else None,
             scheduler=ASHAScheduler(
                 time_attr="training_iteration", max_t=budget.max_reports,
                 grace_period=budget.grace_period, reduction_factor=budget.reduction_factor,
@@ -225,6 +229,8 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
         f"{budget.reduction_factor}; results in {plan.storage}/{plan.name}")
     results = tuner.fit()
     summary = export_best(results, data, settings, plan, search_seconds=time.perf_counter() - started, log=log)
+    if "://" not in plan.storage:
+        summary["report"] = str(write_report(Path(plan.storage) / plan.name, log=log))
     log(summary_table(summary))
     return summary
 

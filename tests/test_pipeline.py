@@ -65,7 +65,10 @@ def check_export(export_dir):
 
 
 def test_smoke_search_exports_a_loadable_model(ray_session, tmp_path, tiny_mnist_dir):
-    summary = main(search_args(tmp_path, tiny_mnist_dir))
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    summary = main(search_args(tmp_path, tiny_mnist_dir, "--optuna-storage", storage))
     card = check_export(tmp_path / "export")
     assert card["search"]["backend"] == "inline"
     assert card["search"]["trials"] == 2 and card["search"]["errored_trials"] == 0
@@ -74,6 +77,8 @@ def test_smoke_search_exports_a_loadable_model(ray_session, tmp_path, tiny_mnist
     assert set(card["hyperparameters"]) >= {"depth", "width", "lr", "box_loss_weight"}
     trial_dirs = [path for path in (tmp_path / "results" / "toy").iterdir() if path.name.startswith("run_trial")]
     assert len(trial_dirs) == 2
+    study = optuna.load_study(study_name="toy", storage=storage)
+    assert len(study.trials) == 2 and all(trial.value is not None for trial in study.trials)
 
 
 def test_two_workers_per_trial_run_ddp_over_gloo(ray_session, tmp_path, tiny_mnist_dir):

@@ -1,0 +1,304 @@
+"""Search report: `python -m raylocal.report EXPERIMENT_DIR`; tune.py calls write_report after each search.
+
+Reads a Tune experiment folder as Tune left it, finished, killed or still running (params.json,
+result.json and error.txt of each trial; never the pickles, never Ray) and writes trials.csv,
+four plots and report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import re
+import sys
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+import optuna
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from raylocal.config import OBJECTIVE
+
+BEST = f"best_{OBJECTIVE}"
+LAST_METRICS = ("det_iou", "mean_iou", "accuracy", "iou50", "iou75")
+COMPLETED, STOPPED, RUNNING, ERROR = "completed", "stopped early (ASHA)", "running/interrupted", "error"
+COLORS = {COMPLETED: "tab:green", STOPPED: "tab:orange", RUNNING: "tab:blue", ERROR: "tab:red"}
+TOP_CURVES, TOP_TABLE = 5, 10
+# Tune names trial folders <trainable>_<trial id>_<creation index>_<params>_<date>; the id is 8 hex
+# digits when a searcher made the trial, else 5 hex digits and a 5-digit counter.
+FOLDER = re.compile(r"_(?P<id>[0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(?P<index>\d+)(?:_|$)")
+PLOTS = {
+    "best_so_far.png": f"best {OBJECTIVE} found so far against trial number (creation order); "
+                       "dots: each trial's best, coloured by how the trial ended",
+    "params.png": f"each trial's best {OBJECTIVE} against each searched hyperparameter",
+    "importance.png": f"fANOVA importance of each hyperparameter for the trials' best {OBJECTIVE} (Optuna)",
+    "learning_curves.png": f"{OBJECTIVE}, val_accuracy and val_mean_iou per epoch of the {TOP_CURVES} best trials",
+}
+
+
+class ReportError(RuntimeError):
+    """The folder holds no Tune trials."""
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):  # a trial killed mid-write leaves half a line
+            rows.append(json.loads(line))
+    return rows
+
+
+def load_trials(experiment_dir: Path, card: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(trials in creation order, each with its trials.csv record and result rows; parameter names)."""
+    found = sorted(((FOLDER.search(path.parent.name), path.parent) for path in experiment_dir.glob("*/params.json")),
+                   key=lambda pair: (int(pair[0]["index"]) if pair[0] else sys.maxsize, pair[1].name))
+    if not found:
+        raise ReportError(f"{experiment_dir} holds no Tune trial folders (*/params.json)")
+    trials = []
+    for match, folder in found:
+        rows = read_results(folder / "result.json")
+        trials.append({"folder": folder, "rows": rows, "params": json.loads((folder / "params.json").read_text()),
+                       "trial_id": rows[-1].get("trial_id") if rows else (match["id"] if match else folder.name)})
+    names = list(dict.fromkeys(name for trial in trials for name in trial["params"]))
+    budget = card.get("search", {}).get("settings", {}).get("budget", {})
+    # Without the card's budget (a search that never got to export, or a card from before
+    # reports_per_epoch) the longest trial stands for a full one: right once any trial ran its
+    # course, while a search killed before that shows its longest ASHA survivors as completed.
+    max_reports = budget["max_epochs"] * budget["reports_per_epoch"] if "reports_per_epoch" in budget else \
+        max((trial["rows"][-1].get("training_iteration", 0) for trial in trials if trial["rows"]), default=0)
+    for number, trial in enumerate(trials, 1):
+        rows, last = trial["rows"], trial["rows"][-1] if trial["rows"] else {}
+        scored = [row for row in rows if finite(row.get(OBJECTIVE))]
+        trial["best_row"] = best = max(scored, key=lambda row: row[OBJECTIVE], default={})
+        reports = last.get("training_iteration", 0)
+        # Tune writes error.txt at every failure, also at those it then retried with success.
+        reason = (COMPLETED if reports >= max_reports else STOPPED) if last.get("done") else \
+            ERROR if (trial["folder"] / "error.txt").exists() else RUNNING
+        trial["record"] = {
+            "trial": number, "trial_id": trial["trial_id"], **{name: trial["params"].get(name) for name in names},
+            "epochs": last.get("epoch"), "reports": reports, "stop_reason": reason,
+            BEST: best.get(OBJECTIVE), "best_epoch": best.get("epoch"),
+            **{f"val_{name}": last.get(f"val_{name}") for name in LAST_METRICS}, "wall_s": last.get("time_total_s"),
+        }
+    return trials, names
+
+
+def log_scale(values: list[Any]) -> bool:
+    return bool(values) and all(finite(v) for v in values) and min(values) > 0 and max(values) / min(values) > 20
+
+
+def scatter_by_reason(axes, points: list[tuple[Any, float, str]]) -> None:
+    for reason, color in COLORS.items():
+        chosen = [(x, y) for x, y, why in points if why == reason]
+        if chosen:
+            axes.scatter(*zip(*chosen), color=color, label=reason, alpha=0.8, zorder=3)
+    axes.grid(alpha=0.3)
+
+
+def plot_best_so_far(records: list[dict[str, Any]]) -> Figure:
+    scored = [r for r in records if finite(r[BEST])]
+    figure = Figure(figsize=(9, 4.5), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    axes.step([r["trial"] for r in scored], list(accumulate((r[BEST] for r in scored), max)), where="post",
+              color="black", label="best so far")
+    scatter_by_reason(axes, [(r["trial"], r[BEST], r["stop_reason"]) for r in scored])
+    axes.set_xlim(0.5, len(records) + 0.5)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set(xlabel="trial (creation order)", ylabel=OBJECTIVE,
+             title=f"Best {OBJECTIVE} so far ({len(scored)} of {len(records)} trials reported)")
+    # Outside the axes: inside, it hides the dots of whatever corner it picks.
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside right upper")
+    return figure
+
+
+def plot_params(records: list[dict[str, Any]], names: list[str]) -> Figure:
+    columns = math.ceil(math.sqrt(len(names)))
+    rows = math.ceil(len(names) / columns)
+    figure = Figure(figsize=(4.5 * columns, 3.6 * rows), dpi=100, layout="constrained")
+    figure.suptitle(f"Each trial's best {OBJECTIVE} against its hyperparameters")
+    for place, name in enumerate(names, 1):
+        axes = figure.add_subplot(rows, columns, place)
+        points = [r for r in records if finite(r[BEST]) and r[name] is not None]
+        values = [r[name] for r in points]
+        if any(isinstance(v, str | bool) for v in values):
+            categories = sorted({str(v) for v in values})
+            values = [categories.index(str(v)) for v in values]
+            axes.set_xticks(range(len(categories)), categories)
+        elif log_scale(values):
+            axes.set_xscale("log")
+        elif all(isinstance(v, int) for v in values):
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        scatter_by_reason(axes, [(v, r[BEST], r["stop_reason"]) for v, r in zip(values, points)])
+        axes.set(xlabel=name, ylabel=f"best {OBJECTIVE}")
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside right upper")
+    return figure
+
+
+def distribution(values: list[Any]) -> optuna.distributions.BaseDistribution:
+    """Optuna's view of a hyperparameter from the values seen: words and flags are categories,
+    whole numbers integers, the rest floats; a log scale where the values span more than 20x."""
+    if any(isinstance(v, str | bool) for v in values):
+        return optuna.distributions.CategoricalDistribution(sorted(set(values), key=str))
+    kind = optuna.distributions.IntDistribution if all(isinstance(v, int) for v in values) else \
+        optuna.distributions.FloatDistribution
+    return kind(min(values), max(values), log=log_scale(values))
+
+
+def importances(records: list[dict[str, Any]], names: list[str]) -> tuple[dict[str, float], str]:
+    """(importance per hyperparameter, why none when empty). Every trial that reported counts
+    with its best score, ASHA-stopped ones too: being stopped early is part of what a value does."""
+    scored = [r for r in records if finite(r[BEST])]
+    varying = [n for n in names if len({str(r[n]) for r in scored if r[n] is not None}) > 1]
+    if len(scored) < 2 or not varying or len({r[BEST] for r in scored}) < 2:
+        return {}, (f"needs at least 2 trials that reported {OBJECTIVE}, with different scores and "
+                    f"hyperparameters; this search has {len(scored)} and varies {varying or 'none'}")
+    distributions = {n: distribution([r[n] for r in scored if r[n] is not None]) for n in varying}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # create_study announces itself at INFO
+    try:
+        study = optuna.create_study(direction="maximize")
+        for r in scored:
+            params = {n: r[n] for n in varying if r[n] is not None}
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={n: distributions[n] for n in params}, value=r[BEST]))
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator)), ""
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def plot_importance(values: dict[str, float], count: int) -> Figure:
+    figure = Figure(figsize=(7, 1.2 + 0.5 * len(values)), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    ordered = sorted(values.items(), key=lambda item: item[1])
+    bars = axes.barh([name for name, _ in ordered], [value for _, value in ordered], color="tab:blue")
+    axes.bar_label(bars, fmt="%.2f", padding=3)
+    axes.set_xlim(0, max(1.0, max(values.values()) * 1.15))
+    axes.set(xlabel="importance (fANOVA, sums to 1)", title=f"What drives best {OBJECTIVE} ({count} trials)")
+    return figure
+
+
+def plot_curves(trials: list[dict[str, Any]]) -> Figure:
+    metrics = (OBJECTIVE, "val_accuracy", "val_mean_iou")
+    figure = Figure(figsize=(15, 4.5), dpi=100, layout="constrained")
+    figure.suptitle(f"Validation metrics per epoch of the {len(trials)} best trials (by best {OBJECTIVE})")
+    for place, metric in enumerate(metrics, 1):
+        axes = figure.add_subplot(1, len(metrics), place)
+        for trial in trials:
+            rows = [row for row in trial["rows"] if finite(row.get(metric))]
+            axes.plot([row["epoch"] for row in rows], [row[metric] for row in rows], marker="o", markersize=3,
+                      label=f"#{trial['record']['trial']} {trial['trial_id']} ({trial['record'][BEST]:.3f})")
+        axes.set(xlabel="epoch", ylabel=metric, title=metric)
+        axes.grid(alpha=0.3)
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small",
+                  title=f"trial (best {OBJECTIVE})")
+    return figure
+
+
+def cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "–" if value is None else str(value)
+
+
+def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path) -> str:
+    records = [trial["record"] for trial in trials]
+    counts = [f"{sum(r['stop_reason'] == reason for r in records)} {reason}" for reason in COLORS]
+    lines = [f"# Search report: {experiment_dir.name}", "",
+             f"{len(records)} trials: {', '.join(counts)}. "
+             f"Objective `{OBJECTIVE}`: validation mean IoU, counting 0 where the digit is misclassified.", ""]
+    if finite(records[0][BEST]):
+        record, row = records[0], trials[0]["best_row"]
+        lines += ["## Best trial", "",
+                  f"Trial #{record['trial']} `{record['trial_id']}` ({record['stop_reason']}): best {OBJECTIVE} "
+                  f"**{row[OBJECTIVE]:.4f}** at epoch {row.get('epoch')}; there: "
+                  + ", ".join(f"{m} {row.get(f'val_{m}', math.nan):.4f}" for m in LAST_METRICS) + ".", "",
+                  "Hyperparameters: " + (", ".join(f"`{n}` = {cell(record[n])}" for n in names) or "none searched")
+                  + "."]
+        if card.get("test"):
+            lines += ["", f"Test split (best_model/model_card.json, trial `{card.get('trial_id')}` epoch "
+                      f"{card.get('epoch')}): " + ", ".join(f"{k.removeprefix('test_')} {v:.4f}"
+                                                        for k, v in card["test"].items()) + "."]
+    else:
+        lines += [f"No trial has reported {OBJECTIVE} yet."]
+    columns = ["trial", "trial_id", *names, "stop_reason", "reports", BEST, "best_epoch"]
+    lines += ["", f"## Top {min(TOP_TABLE, len(records))} trials", "", "| " + " | ".join(columns) + " |",
+              "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in records[:TOP_TABLE]]
+    lines += ["", "## Files", "", "- [trials.csv](trials.csv): one row per trial, best first"]
+    lines += [f"- [{name}]({name}): {what}" if name not in skipped else f"- {name} not drawn: {skipped[name]}"
+              for name, what in PLOTS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None, log=print) -> Path:
+    """Write trials.csv, the plots and report.md into out_dir (default EXPERIMENT_DIR/report); return report.md."""
+    experiment_dir = Path(experiment_dir)
+    out = Path(out_dir) if out_dir else experiment_dir / "report"
+    card_path = experiment_dir / "best_model" / "model_card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    trials, names = load_trials(experiment_dir, card)
+    trials.sort(key=lambda t: -t["record"][BEST] if finite(t["record"][BEST]) else math.inf)
+    records = [trial["record"] for trial in trials]
+    out.mkdir(parents=True, exist_ok=True)
+
+    def wrote(name: str) -> None:
+        log(f"report: wrote {out / name}")
+
+    with (out / "trials.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    wrote("trials.csv")
+    figures, skipped = {"best_so_far.png": plot_best_so_far(sorted(records, key=lambda r: r["trial"]))}, {}
+    if names:
+        figures["params.png"] = plot_params(records, names)
+    else:
+        skipped["params.png"] = "the search varied no hyperparameter"
+    values, why = importances(records, names)
+    if values:
+        figures["importance.png"] = plot_importance(values, sum(finite(r[BEST]) for r in records))
+    else:
+        skipped["importance.png"] = why
+    figures["learning_curves.png"] = plot_curves([t for t in trials if finite(t["record"][BEST])][:TOP_CURVES])
+    for name, figure in figures.items():
+        figure.savefig(out / name)
+        wrote(name)
+    (out / "report.md").write_text(markdown(trials, names, card, skipped, experiment_dir))
+    wrote("report.md")
+    return out / "report.md"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raylocal-report",
+        description="Summarize a Ray Tune search, finished or not: trials.csv, plots, report.md (no Ray needed).",
+    )
+    parser.add_argument("experiment_dir", type=Path, help="the search's folder <storage>/<name>, holding its trials")
+    parser.add_argument("--out", type=Path, help="where the report goes (default: EXPERIMENT_DIR/report)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> Path:
+    return write_report(args.experiment_dir, args.out)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except ReportError as error:
+        print(f"raylocal-report: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
