@@ -160,9 +160,9 @@ class Budget:
 
     trials: int = 50
     max_epochs: int = 5
-    reports_per_epoch: int = 4
+    reports_per_epoch: int = 8
     grace_period: int = 1
-    reduction_factor: int = 3
+    reduction_factor: int = 4
 
     def __post_init__(self) -> None:
         for key in ("trials", "max_epochs", "reports_per_epoch", "grace_period"):

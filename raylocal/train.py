@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import train, tune
 
@@ -65,6 +66,16 @@ def run_trial(config: dict[str, Any], data: SearchData, settings: TrialSettings)
         train_distributed(params, data, settings)
 
 
+def gather_node_ids(world_size: int) -> list[str]:
+    """The Ray node of every worker of this trial, so results show where a trial really ran."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return [node_id]
+    node_ids: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(node_ids, node_id)
+    return node_ids
+
+
 def fit_this_rank(
     params: Hyperparameters,
     data: SearchData,
@@ -79,8 +90,10 @@ def fit_this_rank(
     """`engine.fit` on this rank's share of the data; `session` is `ray.tune` or `ray.train`,
     whose report/get_checkpoint/Checkpoint have the same shape but are different classes."""
     torch.set_num_threads(settings.cpus_per_worker)
+    worker_nodes = ",".join(sorted(set(gather_node_ids(world_size))))
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        metrics = metrics | {"worker_nodes": worker_nodes}
         # Every rank must report; only rank 0 writes the (identical) DDP state.
         if rank != 0:
             session.report(metrics)

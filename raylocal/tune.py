@@ -119,11 +119,15 @@ def start_ray(address: str | None, log=print):
     import ray
 
     if address:
-        context = ray.init(address=address)
+        try:
+            context = ray.init(address=address)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            raise ConfigError(f"--address {address}: cannot join a Ray cluster there: {error}") from None
         log(f"ray: joined cluster at {context.address_info['address']}")
     else:
-        # One explicit local instance, dashboard on loopback only.
-        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        # "local" starts a new instance even when RAY_ADDRESS or an earlier `ray start` exists;
+        # the dashboard listens on loopback only.
+        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
         log("ray: started a local instance")
     if context.dashboard_url:
         log(f"ray: dashboard at http://{context.dashboard_url}")

@@ -34,15 +34,24 @@ def tiny_mnist_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The one Ray instance of the test session (Ray Train refuses to pick among several)."""
+    """The one Ray cluster of the test session (Ray Train refuses to pick among several instances):
+    two real nodes on this machine, a head and a worker with one CPU each, so that every
+    integration test also runs multi-node."""
     ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield ray
-        return
+    from ray.cluster_utils import Cluster
+
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ray's usage-stats poller outlives pytest's captured streams and logs into closed files.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    node = {"num_cpus": 1, "object_store_memory": 512 * 1024**2}
     # The dashboard is on because Ray Train cleans up placement groups through its state API.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    cluster = Cluster(
+        initialize_head=True, head_node_args=node | {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    )
+    cluster.add_node(**node)
+    ray.init(address=cluster.address, log_to_driver=False)
     try:
-        yield ray
+        yield cluster
     finally:
         ray.shutdown()
+        cluster.shutdown()

@@ -50,6 +50,12 @@ def test_search_data_matches_pure_synthesis_and_replaces_every_epoch(ray_session
     assert len(halves[0]["label"]) == len(halves[1]["label"]) == data.val.rows // 2
 
 
+def ray_session_nodes() -> list[dict]:
+    import ray
+
+    return [node for node in ray.nodes() if node["Alive"]]
+
+
 def check_export(export_dir):
     assert sorted(path.name for path in export_dir.iterdir()) == sorted(EXPORT_FILES)
     canvases = torch.rand(3, 1, 75, 75)
@@ -77,14 +83,28 @@ def test_smoke_search_exports_a_loadable_model(ray_session, tmp_path, tiny_mnist
     assert set(card["hyperparameters"]) >= {"depth", "width", "lr", "box_loss_weight"}
     trial_dirs = [path for path in (tmp_path / "results" / "toy").iterdir() if path.name.startswith("run_trial")]
     assert len(trial_dirs) == 2
+    cluster_nodes = {node["NodeID"] for node in ray_session_nodes()}
+    assert all(r["worker_nodes"] in cluster_nodes for r in trial_results(tmp_path / "results" / "toy"))
     study = optuna.load_study(study_name="toy", storage=storage)
     assert len(study.trials) == 2 and all(trial.value is not None for trial in study.trials)
 
 
-def test_two_workers_per_trial_run_ddp_over_gloo(ray_session, tmp_path, tiny_mnist_dir):
+def trial_results(experiment_dir) -> list[dict]:
+    return [
+        json.loads(line)
+        for path in experiment_dir.glob("run_trial_*/result.json")
+        for line in path.read_text().splitlines()
+    ]
+
+
+def test_two_workers_per_trial_run_ddp_over_gloo_across_both_nodes(ray_session, tmp_path, tiny_mnist_dir):
     main(search_args(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2", "--trials", "1"))
     card = check_export(tmp_path / "export")
     assert card["search"]["backend"] == "ray-train" and card["search"]["workers_per_trial"] == 2
+    cluster_nodes = {node["NodeID"] for node in ray_session_nodes()}
+    results = trial_results(tmp_path / "results" / "toy")
+    assert results and all(set(r["worker_nodes"].split(",")) == cluster_nodes for r in results)
+    assert len(cluster_nodes) == 2
     train_runs = list((tmp_path / "results" / "toy-train-runs").iterdir())
     assert len(train_runs) == 1
     assert any(path.name.startswith("checkpoint_") for path in train_runs[0].iterdir())
