@@ -215,6 +215,17 @@ class Experiment:
     def with_data(self, **changes: Any) -> Experiment:
         return replace(self, data=replace(self.data, **changes))
 
+    @classmethod
+    def from_description(cls, described: dict[str, Any]) -> Experiment:
+        """Inverse of `describe` (which is what a search keeps beside its results)."""
+        return cls(
+            name=described["name"],
+            fixed=Hyperparameters(**described["fixed"]),
+            space=tuple(Dimension(**d | {"values": tuple(d["values"])}) for d in described["space"]),
+            budget=Budget(**described["budget"]),
+            data=DataSettings(**described["data"]),
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

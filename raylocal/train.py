@@ -66,14 +66,14 @@ def run_trial(config: dict[str, Any], data: SearchData, settings: TrialSettings)
         train_distributed(params, data, settings)
 
 
-def gather_node_ids(world_size: int) -> list[str]:
-    """The Ray node of every worker of this trial, so results show where a trial really ran."""
-    node_id = ray.get_runtime_context().get_node_id()
+def gather_workers(world_size: int) -> list[tuple[str, int]]:
+    """(Ray node, process id) of every worker of this trial, so results show where it really ran."""
+    worker = (ray.get_runtime_context().get_node_id(), os.getpid())
     if world_size == 1:
-        return [node_id]
-    node_ids: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(node_ids, node_id)
-    return node_ids
+        return [worker]
+    workers: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(workers, worker)
+    return workers
 
 
 def fit_this_rank(
@@ -90,10 +90,14 @@ def fit_this_rank(
     """`engine.fit` on this rank's share of the data; `session` is `ray.tune` or `ray.train`,
     whose report/get_checkpoint/Checkpoint have the same shape but are different classes."""
     torch.set_num_threads(settings.cpus_per_worker)
-    worker_nodes = ",".join(sorted(set(gather_node_ids(world_size))))
+    workers = gather_workers(world_size)
+    placement = {
+        "worker_nodes": ",".join(sorted({node for node, _ in workers})),
+        "worker_pids": ",".join(str(pid) for _, pid in workers),
+    }
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
-        metrics = metrics | {"worker_nodes": worker_nodes}
+        metrics = metrics | placement
         # Every rank must report; only rank 0 writes the (identical) DDP state.
         if rank != 0:
             session.report(metrics)

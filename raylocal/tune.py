@@ -9,11 +9,13 @@ exports it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,13 +52,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="accept MNIST files whose SHA-256 differs from the official ones (e.g. test fixtures)")
     parser.add_argument("--optuna-storage", metavar="URL",
                         help="also keep the Optuna study in this storage (e.g. sqlite:///optuna.db) for optuna-dashboard")
+    parser.add_argument("--mlflow-uri", metavar="URI",
+                        help="also log every trial to MLflow at this tracking URI (e.g. sqlite:///mlflow.db; needs mlflow)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", help="join a running Ray cluster (auto or HOST:PORT) instead of starting one")
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 2 trials, 1 epoch: checks the whole pipeline")
+    parser.add_argument("--resume", nargs="?", const=True, metavar="PATH",
+                        help="continue an interrupted search: the one named by --name (and --storage), or at PATH")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2, 3), default=1,
                         help="Tune output: 0 silent, 1 status table (default), 2 + trial results, 3 + everything")
+    parser.add_argument("--quiet", action="store_true",
+                        help="only raylocal's own lines and the final table: no Tune table, trial logs or progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+MANIFEST = "raylocal_search.json"
+# The flags that define a search; a resumed search takes them from its manifest.
+SEARCH_FLAGS = (
+    "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "backend",
+    "export_dir", "data_dir", "unverified_data", "seed", "smoke_test", "optuna_storage", "mlflow_uri",
+)
+PATH_FLAGS = ("experiment", "export_dir", "data_dir")
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,50 @@ class Plan:
     name: str
     storage: str
     export_dir: Path
+    resume: bool = False
+
+    @property
+    def experiment_dir(self) -> str:
+        return f"{self.storage}/{self.name}"
+
+
+def write_manifest(args: argparse.Namespace, plan: Plan) -> None:
+    flags = {key: str(value) if isinstance(value, Path) else value for key in SEARCH_FLAGS
+             if (value := getattr(args, key)) is not None}
+    manifest = {"flags": flags, "experiment": plan.experiment.describe()}
+    Path(plan.experiment_dir).mkdir(parents=True, exist_ok=True)
+    (Path(plan.experiment_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, Experiment]:
+    """The flags and experiment of the search being resumed; different ones given now are an error."""
+    if isinstance(args.resume, str):
+        folder = Path(args.resume).expanduser().absolute()
+    elif args.name:
+        folder = Path(args.storage or "raylocal_results").expanduser().absolute() / args.name
+    else:
+        raise ConfigError("--resume needs the search's --name (and --storage if not the default), or its folder")
+    if not (folder / MANIFEST).is_file():
+        raise ConfigError(f"no raylocal search to resume at {folder} (it has no {MANIFEST})")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    saved = manifest["flags"]
+    defaults = get_args_parser().parse_args([])
+    for key in SEARCH_FLAGS:
+        given = getattr(args, key)
+        if key != "experiment" and given != getattr(defaults, key) and str(given) != str(saved.get(key)):
+            raise ConfigError(f"--{key.replace('_', '-')} {given} differs from the search being resumed "
+                              f"({saved.get(key)}); a resumed search keeps its own settings")
+    described = manifest["experiment"]
+    if args.experiment and load_experiment(args.experiment).describe() | {"name": described.get("name")} != described:
+        raise ConfigError(f"{args.experiment} is a different search space than the search being resumed")
+    try:
+        experiment = Experiment.from_description(described)
+    except (KeyError, TypeError, ConfigError) as error:
+        raise ConfigError(f"{folder / MANIFEST} is damaged: {error!r}") from None
+    merged = vars(args) | {key: saved.get(key) for key in SEARCH_FLAGS}
+    merged |= {key: Path(merged[key]) for key in PATH_FLAGS if merged[key] is not None}
+    merged |= {"name": folder.name, "storage": str(folder.parent)}
+    return argparse.Namespace(**merged), experiment
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -87,17 +148,19 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
 
 def check_destinations(plan: Plan) -> None:
-    """Fail before the search, not after it, when its results could not be written."""
+    """Fail before the search, not after it, when its results could not be written; create nothing."""
     if plan.export_dir.exists() and any(plan.export_dir.iterdir()):
         raise ConfigError(f"export folder {plan.export_dir} already holds files; choose another --export-dir or --name")
-    local = [Path(plan.storage) / plan.name] if "://" not in plan.storage else []
+    local = [Path(plan.experiment_dir)] if "://" not in plan.storage else []
     for folder in [*local, plan.export_dir.parent]:
+        existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is not a folder")
+            with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as error:
-            raise ConfigError(f"cannot write to {folder}: {error.strerror or error}") from None
+            raise ConfigError(f"cannot write to {folder}: {error}") from None
 
 
 def tune_space(space: tuple[Dimension, ...]) -> dict[str, Any]:
@@ -115,19 +178,33 @@ def tune_space(space: tuple[Dimension, ...]) -> dict[str, Any]:
     return {dim.name: domain(dim) for dim in space}
 
 
-def start_ray(address: str | None, log=print):
+def check_reachable(address: str) -> None:
+    """A HOST:PORT that nothing listens on fails here in seconds; ray.init would retry for minutes."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({error})") from None
+
+
+def start_ray(address: str | None, quiet: bool = False, log=print):
     import ray
 
     if address:
+        check_reachable(address)
         try:
-            context = ray.init(address=address)
+            context = ray.init(address=address, log_to_driver=not quiet)
         except (ConnectionError, ValueError, RuntimeError) as error:
             raise ConfigError(f"--address {address}: cannot join a Ray cluster there: {error}") from None
         log(f"ray: joined cluster at {context.address_info['address']}")
     else:
         # "local" starts a new instance even when RAY_ADDRESS or an earlier `ray start` exists;
         # the dashboard listens on loopback only.
-        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        context = ray.init(
+            address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=not quiet
+        )
         log("ray: started a local instance")
     if context.dashboard_url:
         log(f"ray: dashboard at http://{context.dashboard_url}")
@@ -164,6 +241,18 @@ def resolve_layout(args: argparse.Namespace, log=print) -> tuple[int, float, str
     return workers, gpus_per_worker, backend, max(1, concurrent)
 
 
+def logger_callbacks(args: argparse.Namespace, plan: Plan) -> list:
+    """Loggers beyond Tune's defaults (CSV, JSON and, with tensorboardX installed, TensorBoard)."""
+    if not args.mlflow_uri:
+        return []
+    try:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise ConfigError("--mlflow-uri needs MLflow: pip install 'raylocal[mlflow]'") from None
+    return [MLflowLoggerCallback(tracking_uri=args.mlflow_uri, experiment_name=plan.name, save_artifact=False)]
+
+
 def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any]:
     import optuna
     from ray import tune
@@ -179,6 +268,10 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
     started = time.perf_counter()
     experiment, budget = plan.experiment, plan.experiment.budget
     workers, gpus_per_worker, backend, concurrent = resolve_layout(args, log)
+    if args.quiet:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
     mnist = load_mnist(args.data_dir, verify=not args.unverified_data, log=log)
     data = build_search_data(mnist, experiment.data, budget.max_epochs, args.seed, log=log)
     settings = TrialSettings(
@@ -198,7 +291,9 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
     )
     space = tune_space(experiment.space)
     optuna_storage = optuna.storages.RDBStorage(args.optuna_storage) if args.optuna_storage else None
-    tuner = tune.Tuner(
+    tuner = tune.Tuner.restore(
+        plan.experiment_dir, trainable, param_space=space, resume_unfinished=True, resume_errored=True
+    ) if plan.resume else tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
@@ -225,12 +320,15 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
                 num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"
             ),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            verbose=args.verbose,
+            callbacks=logger_callbacks(args, plan),
+            verbose=0 if args.quiet else args.verbose,
         ),
     )
     log(f"search: {budget.trials} trials, up to {budget.max_epochs} epochs each, reporting {budget.reports_per_epoch}x "
         f"per epoch; ASHA stops the worst after {budget.grace_period} report(s), reduction factor "
         f"{budget.reduction_factor}; results in {plan.storage}/{plan.name}")
+    if not plan.resume:
+        write_manifest(args, plan)
     results = tuner.fit()
     summary = export_best(results, data, settings, plan, search_seconds=time.perf_counter() - started, log=log)
     if "://" not in plan.storage:
@@ -242,11 +340,16 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
 def main(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    plan = build_plan(args)
+    if args.resume:
+        args, experiment = resumed(args)
+        plan = build_plan(argparse.Namespace(**vars(args) | {"experiment": None}))
+        plan = replace(plan, experiment=experiment, resume=True)
+    else:
+        plan = build_plan(args)
     check_destinations(plan)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        start_ray(args.address)
+        start_ray(args.address, args.quiet)
     try:
         return run_search(args, plan)
     finally:

@@ -72,3 +72,9 @@ def test_an_unwritable_storage_is_refused_before_any_search(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert cli(["--storage", str(blocker / "results")]) == 2
     assert "cannot write to" in capsys.readouterr().err
+
+
+def test_an_address_where_nothing_listens_fails_fast_with_one_message(tmp_path, capsys):
+    assert cli(["--address", "127.0.0.1:9", "--storage", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "--address 127.0.0.1:9: no Ray cluster answers there" in err and "Traceback" not in err

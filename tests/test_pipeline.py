@@ -74,7 +74,8 @@ def test_smoke_search_exports_a_loadable_model(ray_session, tmp_path, tiny_mnist
     import optuna
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    summary = main(search_args(tmp_path, tiny_mnist_dir, "--optuna-storage", storage))
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = main(search_args(tmp_path, tiny_mnist_dir, "--optuna-storage", storage, "--mlflow-uri", mlflow_uri))
     card = check_export(tmp_path / "export")
     assert card["search"]["backend"] == "inline"
     assert card["search"]["trials"] == 2 and card["search"]["errored_trials"] == 0
@@ -87,6 +88,20 @@ def test_smoke_search_exports_a_loadable_model(ray_session, tmp_path, tiny_mnist
     assert all(r["worker_nodes"] in cluster_nodes for r in trial_results(tmp_path / "results" / "toy"))
     study = optuna.load_study(study_name="toy", storage=storage)
     assert len(study.trials) == 2 and all(trial.value is not None for trial in study.trials)
+    assert (tmp_path / "results" / "toy" / "report" / "report.md").is_file()
+    check_tensorboard_and_mlflow(trial_dirs, mlflow_uri)
+
+
+def check_tensorboard_and_mlflow(trial_dirs, mlflow_uri: str) -> None:
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for trial_dir in trial_dirs:
+        events = EventAccumulator(str(trial_dir)).Reload()
+        assert "ray/tune/val_det_iou" in events.Tags()["scalars"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    assert len(runs) == 2 and all("val_det_iou" in run.data.metrics for run in runs)
 
 
 def trial_results(experiment_dir) -> list[dict]:
