@@ -93,9 +93,13 @@ def make_optimizer(model: nn.Module, params: Hyperparameters, steps_per_epoch: i
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     # One-cycle over the full budget, so trials that ASHA stops early were compared at the
     # same point of the same schedule. The warm-up is short (5%): with a long one the digit
-    # head has barely started to learn at ASHA's first cut, and the cut is noise.
+    # head has barely started to learn at ASHA's first cut, and the cut is noise. OneCycleLR
+    # divides by (warm-up steps - 1), so tiny budgets get two warm-up steps.
+    total_steps = steps_per_epoch * epochs
+    if total_steps < 3:
+        raise ValueError(f"the budget makes {total_steps} optimizer step(s); a schedule needs at least 3")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=params.lr, total_steps=max(1, steps_per_epoch * epochs), pct_start=0.05
+        optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=max(0.05, 2 / total_steps)
     )
     return optimizer, scheduler
 

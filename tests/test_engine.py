@@ -74,3 +74,26 @@ def test_training_improves_the_validation_objective(splits):
 def test_too_few_rows_for_one_batch_per_report_is_a_clear_error(splits):
     with pytest.raises(ValueError, match="less than one batch"):
         run(splits, reports_per_epoch=100)
+
+
+@pytest.mark.parametrize("steps_per_epoch, epochs", [(3, 1), (4, 1), (10, 2), (20, 1), (53, 40)])
+def test_the_schedule_runs_to_its_end_for_any_budget(steps_per_epoch, epochs):
+    from raylocal.engine import make_optimizer
+    from raylocal.model import build_model
+
+    model = build_model(PARAMS.model_config())
+    optimizer, scheduler = make_optimizer(model, PARAMS, steps_per_epoch, epochs)
+    lrs = []
+    for _ in range(steps_per_epoch * epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) == pytest.approx(PARAMS.lr, rel=0.2) and lrs[-1] < PARAMS.lr / 100
+
+
+def test_a_budget_of_fewer_than_three_steps_is_a_clear_error():
+    from raylocal.engine import make_optimizer
+    from raylocal.model import build_model
+
+    with pytest.raises(ValueError, match="at least 3"):
+        make_optimizer(build_model(PARAMS.model_config()), PARAMS, 2, 1)
