@@ -123,3 +123,27 @@ def test_two_workers_per_trial_run_ddp_over_gloo_across_both_nodes(ray_session, 
     train_runs = list((tmp_path / "results" / "toy-train-runs").iterdir())
     assert len(train_runs) == 1
     assert any(path.name.startswith("checkpoint_") for path in train_runs[0].iterdir())
+
+
+def test_more_gpus_than_the_cluster_has_is_one_clear_error(ray_session, tmp_path, tiny_mnist_dir, capsys):
+    from raylocal.tune import cli
+
+    flags = ["--smoke-test", "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--storage", str(tmp_path)]
+    assert cli([*flags, "--gpus-per-worker", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "a trial asks for 1 GPUs but the cluster has 0" in err and "Traceback" not in err
+
+
+def test_a_truncated_data_file_is_one_clear_error_and_leaves_no_results(ray_session, tmp_path, tiny_mnist_dir, capsys):
+    import shutil
+
+    from raylocal.tune import cli
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_mnist_dir, broken)
+    labels = broken / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:40])
+    assert cli(["--smoke-test", "--data-dir", str(broken), "--storage", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "train-labels-idx1-ubyte" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
