@@ -69,7 +69,7 @@ def export_model(
         # users (a serving container, say) once it is renamed into place.
         tmp.chmod(0o755)
         _write_export(model, tmp, card, log)
-        _move_into_place(tmp, export_dir)
+        _move_into_place(tmp, export_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,12 +171,21 @@ def _canvases(batch: int, seed: int) -> torch.Tensor:
     return torch.rand(batch, 1, CANVAS, CANVAS, generator=generator)
 
 
-def _move_into_place(tmp: Path, export_dir: Path) -> None:
+def _move_into_place(tmp: Path, export_dir: Path, overwrite: bool) -> None:
+    taken = f"another export wrote {export_dir} first; this one was not kept"
     if not _is_non_empty_dir(export_dir):
         # rename(2) replaces an empty directory, and refuses a non-empty one that
-        # appeared since the first check, so a concurrent export is never clobbered.
-        os.rename(tmp, export_dir)
+        # appeared since that check, so a concurrent export is never clobbered.
+        try:
+            os.rename(tmp, export_dir)
+        except OSError as error:
+            if _is_non_empty_dir(export_dir):
+                raise ExportError(taken) from error
+            raise
         return
+    if not overwrite:
+        # Empty when this export started, filled by a concurrent one since.
+        raise ExportError(taken)
     # tmp's name is unique, so the same suffix gives a free name for the old export.
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
     os.rename(export_dir, old)

@@ -131,3 +131,36 @@ def test_unwritable_parent_raises(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ExportError, match="file"):
         export_model(tiny_model(), blocker / "run", CARD, log=lambda _: None)
+
+
+def _export_in_process(export_dir: str, writer: int, results) -> None:
+    torch.manual_seed(writer)
+    try:
+        export_model(tiny_model(), export_dir, {"writer": writer}, log=lambda _: None)
+        results.put((writer, "ok"))
+    except ExportError as error:
+        results.put((writer, str(error)))
+
+
+def test_two_exports_to_one_folder_at_once_never_interleave(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    target = tmp_path / "shared_export"
+    writers = [context.Process(target=_export_in_process, args=(str(target), n, results)) for n in (1, 2)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=120)
+    outcomes = dict(results.get(timeout=5) for _ in writers)
+    winners = [writer for writer, outcome in outcomes.items() if outcome == "ok"]
+    assert len(winners) == 1, outcomes
+    loser = ({1, 2} - set(winners)).pop()
+    # Which check stops the loser depends on timing: the rename or, if it started late, the first look.
+    assert "another export wrote" in outcomes[loser] or "already holds an export" in outcomes[loser]
+    card = json.loads((target / "model_card.json").read_text())
+    assert card["writer"] == winners[0]
+    for name, digest in card["files"].items():
+        assert hashlib.sha256((target / name).read_bytes()).hexdigest() == digest
+    assert leftovers(tmp_path) == []

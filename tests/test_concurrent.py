@@ -1,0 +1,31 @@
+"""Two searches started together on one machine: each starts its own local Ray and exports its own model."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from raylocal.export import EXPORT_FILES
+
+pytestmark = pytest.mark.ray
+
+
+def test_two_local_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_dir):
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "raylocal.tune", "--smoke-test", "--quiet", "--data-dir", str(tiny_mnist_dir),
+             "--unverified-data", "--storage", str(tmp_path / "results"), "--name", name],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for name in ("first", "second")
+    }
+    outputs = {name: process.communicate(timeout=400)[0] for name, process in runs.items()}
+    for name, process in runs.items():
+        assert process.returncode == 0, outputs[name]
+        export_dir = tmp_path / "results" / name / "best_model"
+        assert sorted(path.name for path in export_dir.iterdir()) == sorted(EXPORT_FILES)
+    dashboards = {re.search(r"dashboard at (\S+)", output).group(1) for output in outputs.values()}
+    assert len(dashboards) == 2, "the two searches shared one Ray instance"
