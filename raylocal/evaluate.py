@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes
 
+from raylocal.cli import run
 from raylocal.config import DataSettings
 from raylocal.engine import as_batch
 from raylocal.export import load_program
@@ -207,15 +208,7 @@ def main(args: argparse.Namespace, log=print) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except Exception as error:
-        if args.debug or not isinstance(error, USER_ERRORS):
-            raise
-        print(f"raylocal-evaluate: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run(get_args_parser(), main, USER_ERRORS, argv)
 
 
 if __name__ == "__main__":

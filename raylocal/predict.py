@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from raylocal.cli import run
 from raylocal.evaluate import PRED_COLOR, UsageError, draw_tile, load_export, run_program
 from raylocal.synthesis import CANVAS
 
@@ -90,15 +91,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except Exception as error:
-        if args.debug or not isinstance(error, UsageError):
-            raise
-        print(f"raylocal-predict: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run(get_args_parser(), main, (UsageError,), argv)
 
 
 if __name__ == "__main__":

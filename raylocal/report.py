@@ -22,6 +22,7 @@ import optuna
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from raylocal.cli import run
 from raylocal.config import OBJECTIVE
 
 BEST = f"best_{OBJECTIVE}"
@@ -291,13 +292,7 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except ReportError as error:
-        print(f"raylocal-report: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run(get_args_parser(), main, (ReportError,), argv)
 
 
 if __name__ == "__main__":

@@ -358,15 +358,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except Exception as error:
-        if args.debug or not isinstance(error, user_errors()):
-            raise
-        print(f"raylocal-tune: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    from raylocal.cli import run
+
+    return run(get_args_parser(), main, user_errors(), argv)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
