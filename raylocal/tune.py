@@ -201,11 +201,11 @@ def start_ray(address: str | None, quiet: bool = False, log=print):
         log(f"ray: joined cluster at {context.address_info['address']}")
     else:
         # "local" starts a new instance even when RAY_ADDRESS or an earlier `ray start` exists;
-        # the dashboard listens on loopback only.
+        # the dashboard listens on loopback only (the other ports too, see `main`).
         context = ray.init(
             address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=not quiet
         )
-        log("ray: started a local instance")
+        log(f"ray: started a local instance at {context.address_info['address']}")
     if context.dashboard_url:
         log(f"ray: dashboard at http://{context.dashboard_url}")
     return context
@@ -338,6 +338,11 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.address and "ray" not in sys.modules:
+        # A local instance serves this machine alone: with this (Ray's own switch for
+        # single-machine use) GCS, raylet and workers listen on 127.0.0.1, not the network.
+        # It must be set before Ray is imported, and is inherited by every Ray process.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if args.resume:

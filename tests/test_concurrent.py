@@ -27,6 +27,8 @@ def test_two_local_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_
         assert process.returncode == 0, outputs[name]
         export_dir = tmp_path / "results" / name / "best_model"
         assert sorted(path.name for path in export_dir.iterdir()) == sorted(EXPORT_FILES)
-    dashboards = {re.search(r"dashboard at (\S+)", output).group(1) for output in outputs.values()}
+    dashboards = {re.search(r"ray: dashboard at (\S+)", output).group(1) for output in outputs.values()}
     assert len(dashboards) == 2, "the two searches shared one Ray instance"
     assert all(url.startswith("http://127.0.0.1:") for url in dashboards), dashboards
+    instances = {re.search(r"started a local instance at (\S+)", output).group(1) for output in outputs.values()}
+    assert all(address.startswith("127.0.0.1:") for address in instances), instances
