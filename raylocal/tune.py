@@ -307,7 +307,9 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
             num_samples=budget.trials,
             max_concurrent_trials=concurrent,
             # A fresh trial process costs ~4 s of torch import on a small machine; reuse them.
-            reuse_actors=True,
+            # Not for TorchTrainer drivers: their fit() outlives Tune's 2 s reset window, and
+            # the next trial on that actor would never start.
+            reuse_actors=backend == "inline",
         ),
         run_config=tune.RunConfig(
             name=plan.name,

@@ -113,15 +113,17 @@ def trial_results(experiment_dir) -> list[dict]:
 
 
 def test_two_workers_per_trial_run_ddp_over_gloo_across_both_nodes(ray_session, tmp_path, tiny_mnist_dir):
-    main(search_args(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2", "--trials", "1"))
+    main(search_args(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2"))
     card = check_export(tmp_path / "export")
     assert card["search"]["backend"] == "ray-train" and card["search"]["workers_per_trial"] == 2
     cluster_nodes = {node["NodeID"] for node in ray_session_nodes()}
     results = trial_results(tmp_path / "results" / "toy")
-    assert results and all(set(r["worker_nodes"].split(",")) == cluster_nodes for r in results)
+    # Both trials ran (one after the other: each needs both CPUs), each across both nodes.
+    assert len({r["trial_id"] for r in results}) == 2
+    assert all(set(r["worker_nodes"].split(",")) == cluster_nodes for r in results)
     assert len(cluster_nodes) == 2
     train_runs = list((tmp_path / "results" / "toy-train-runs").iterdir())
-    assert len(train_runs) == 1
+    assert len(train_runs) == 2
     assert any(path.name.startswith("checkpoint_") for path in train_runs[0].iterdir())
 
 
