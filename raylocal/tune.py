@@ -189,6 +189,23 @@ def check_reachable(address: str) -> None:
         raise ConfigError(f"--address {address}: no Ray cluster answers there ({error})") from None
 
 
+def pin_local_address() -> str:
+    """Choose the new local instance's GCS port now and name it in RAY_ADDRESS, which every Ray
+    process of the instance inherits. Ray Train's placement-group cleaner finds its cluster
+    through the state API with no address; with a second instance on the machine (another
+    search) that lookup fails ("Found multiple active Ray instances") and the trial hangs."""
+    import ray
+
+    loopback = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
+    host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{host}:{port}"
+    return os.environ["RAY_ADDRESS"]
+
+
 def start_ray(address: str | None, quiet: bool = False, log=print):
     import ray
 
@@ -200,12 +217,16 @@ def start_ray(address: str | None, quiet: bool = False, log=print):
             raise ConfigError(f"--address {address}: cannot join a Ray cluster there: {error}") from None
         log(f"ray: joined cluster at {context.address_info['address']}")
     else:
+        pinned = pin_local_address()
         # "local" starts a new instance even when RAY_ADDRESS or an earlier `ray start` exists;
         # the dashboard listens on loopback only (the other ports too, see `main`).
         context = ray.init(
             address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=not quiet
         )
-        log(f"ray: started a local instance at {context.address_info['address']}")
+        if context.address_info["address"] != pinned:
+            ray.shutdown()
+            raise RuntimeError(f"Ray started at {context.address_info['address']}, not at {pinned} as asked")
+        log(f"ray: started a local instance at {pinned}")
     if context.dashboard_url:
         log(f"ray: dashboard at http://{context.dashboard_url}")
     return context

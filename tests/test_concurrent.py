@@ -1,7 +1,13 @@
-"""Two searches started together on one machine: each starts its own local Ray and exports its own model."""
+"""Two searches started together on one machine: each starts its own local Ray and exports its own model.
+
+Both train through Ray Train (two DDP workers a trial), the case where a second Ray instance
+on the machine used to hang the trial: Train's placement-group cleaner looked its cluster up
+with no address and found two.
+"""
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 import sys
@@ -13,11 +19,12 @@ from raylocal.export import EXPORT_FILES
 pytestmark = pytest.mark.ray
 
 
-def test_two_local_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_dir):
+def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_dir):
     runs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "raylocal.tune", "--smoke-test", "--quiet", "--data-dir", str(tiny_mnist_dir),
-             "--unverified-data", "--storage", str(tmp_path / "results"), "--name", name],
+             "--unverified-data", "--storage", str(tmp_path / "results"), "--name", name,
+             "--workers-per-trial", "2"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for name in ("first", "second")
@@ -25,10 +32,15 @@ def test_two_local_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_
     outputs = {name: process.communicate(timeout=400)[0] for name, process in runs.items()}
     for name, process in runs.items():
         assert process.returncode == 0, outputs[name]
+        assert "Found multiple active Ray instances" not in outputs[name]
+        assert "backend: Ray Train TorchTrainer" in outputs[name]
         export_dir = tmp_path / "results" / name / "best_model"
         assert sorted(path.name for path in export_dir.iterdir()) == sorted(EXPORT_FILES)
+        with open(tmp_path / "results" / name / "report" / "trials.csv") as table:
+            trials = list(csv.DictReader(table))
+        assert len(trials) == 2 and all(int(trial["reports"]) >= 1 for trial in trials), trials
     dashboards = {re.search(r"ray: dashboard at (\S+)", output).group(1) for output in outputs.values()}
     assert len(dashboards) == 2, "the two searches shared one Ray instance"
     assert all(url.startswith("http://127.0.0.1:") for url in dashboards), dashboards
     instances = {re.search(r"started a local instance at (\S+)", output).group(1) for output in outputs.values()}
-    assert all(address.startswith("127.0.0.1:") for address in instances), instances
+    assert len(instances) == 2 and all(address.startswith("127.0.0.1:") for address in instances), instances
