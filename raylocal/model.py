@@ -52,15 +52,21 @@ class Localizer(nn.Module):
             nn.ReLU(inplace=True),
             nn.Dropout(config.dropout),
         )
-        self.classifier = nn.Linear(config.head_width, NUM_CLASSES)
+        # The classifier also sees the trunk's global max: what the digit is does not depend on
+        # where it is, and without this the digit head learns every position separately. With
+        # it, validation accuracy after 1/8 epoch is ~65% instead of ~17% (depth 4-5), so
+        # ASHA's first cut ranks trials by something other than chance.
+        self.classifier = nn.Linear(config.head_width + channels, NUM_CLASSES)
         self.box_head = nn.Linear(config.head_width, 4)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.neck(self.trunk(images))
+        trunk = self.trunk(images)
+        features = self.neck(trunk)
         centre_size = torch.sigmoid(self.box_head(features))
         centre, size = centre_size[:, :2], centre_size[:, 2:]
         boxes = torch.cat([centre - size / 2, centre + size / 2], dim=1).clamp(0.0, 1.0)
-        return self.classifier(features), boxes
+        logits = self.classifier(torch.cat([features, trunk.amax(dim=(2, 3))], dim=1))
+        return logits, boxes
 
 
 def build_model(config: ModelConfig) -> Localizer:
