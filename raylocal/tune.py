@@ -262,6 +262,16 @@ def resolve_layout(args: argparse.Namespace, log=print) -> tuple[int, float, str
     return workers, gpus_per_worker, backend, max(1, concurrent)
 
 
+def make_sampler(trials: int, seed: int):
+    """TPE, informed by the first quarter of the trials (2 to 10) drawn at random; the constant
+    liar keeps concurrent trials from all being sampled at the same promising point."""
+    import optuna
+
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=max(2, min(10, trials // 4)), multivariate=True, constant_liar=True
+    )
+
+
 def logger_callbacks(args: argparse.Namespace, plan: Plan) -> list:
     """Loggers beyond Tune's defaults (CSV, JSON and, with tensorboardX installed, TensorBoard)."""
     if not args.mlflow_uri:
@@ -307,9 +317,7 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
         else {"CPU": 0, "memory": DRIVER_MEMORY}
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings), trial_resources)
-    sampler = optuna.samplers.TPESampler(
-        seed=args.seed, n_startup_trials=max(2, min(10, budget.trials // 4)), multivariate=True, constant_liar=True
-    )
+    sampler = make_sampler(budget.trials, args.seed)
     space = tune_space(experiment.space)
     optuna_storage = optuna.storages.RDBStorage(args.optuna_storage) if args.optuna_storage else None
     tuner = tune.Tuner.restore(

@@ -1,0 +1,77 @@
+"""What every benchmark script here shares: its setup line, the data, one local Ray instance."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import time
+
+# Ray listens on loopback only, as `raylocal.tune` does; must be set before Ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+
+from raylocal.mnist import Mnist, load_mnist  # noqa: E402
+from raylocal.synthesis import split_plan, synthesize_shard  # noqa: E402
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data-dir", help="MNIST IDX files (else $RAYLOCAL_DATA_DIR, cache, download)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def print_setup(name: str, **settings) -> None:
+    import torch
+
+    versions = f"torch {torch.__version__}"
+    with contextlib.suppress(ImportError):
+        import ray
+
+        versions += f", ray {ray.__version__}"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"# {name}: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {device}, {versions}")
+    print("# settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()))
+
+
+def load_digits(args: argparse.Namespace) -> Mnist:
+    return load_mnist(args.data_dir, log=lambda line: print(f"# {line}"))
+
+
+def train_split(mnist: Mnist, rows: int, seed: int) -> dict[str, np.ndarray]:
+    """The first `rows` canvases of training epoch 0, as the search would train on them."""
+    plan = split_plan(len(mnist.train_images), len(mnist.test_images))
+    columns = synthesize_shard(
+        mnist.train_images, mnist.train_labels, plan, seed=seed, split="train", epoch=0, shard=0, shard_size=rows
+    )
+    return {key: columns[key] for key in ("image", "box", "label")}
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int, dashboard: bool = True):
+    """One local Ray instance with `num_cpus` CPUs, pinned the way `raylocal.tune` pins its own."""
+    import ray
+
+    from raylocal.tune import pin_local_address
+
+    pin_local_address()
+    started = time.perf_counter()
+    ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        log_to_driver=False, configure_logging=False,
+    )
+    print(f"# ray.init with {num_cpus} CPUs took {time.perf_counter() - started:.1f}s")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def ratio_line(name: str, value: float, target: float, higher_is_better: bool = True) -> str:
+    met = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    return f"{name}: {value:.3f} (target {sign} {target}) -> {'met' if met else 'NOT met'}"
