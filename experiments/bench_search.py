@@ -15,6 +15,7 @@ each found, and how many trials raylocal really ran at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -35,7 +36,8 @@ def get_args_parser():
     parser = benchlib.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--max-epochs", type=int, default=2)
-    parser.add_argument("--reports-per-epoch", type=int, default=4)
+    parser.add_argument("--first-epoch-reports", type=int, default=8)
+    parser.add_argument("--reports-per-epoch", type=int, default=2, help="in later epochs")
     parser.add_argument("--train-digits", type=int, default=16_000, help="MNIST training digits used (val: 1/12)")
     parser.add_argument("--test-digits", type=int, default=2_000)
     parser.add_argument("--out", default=None, help="where raylocal's search goes (default: a temporary folder)")
@@ -45,7 +47,8 @@ def get_args_parser():
 def experiment_file(args, directory: Path) -> Path:
     path = directory / "bench_search.toml"
     path.write_text(
-        f"[budget]\ntrials = {args.trials}\nmax_epochs = {args.max_epochs}\nreports_per_epoch = {args.reports_per_epoch}\n"
+        f"[budget]\ntrials = {args.trials}\nmax_epochs = {args.max_epochs}\nfirst_epoch_reports = "
+        f"{args.first_epoch_reports}\nreports_per_epoch = {args.reports_per_epoch}\n"
         f"[data]\ntrain_digits = {args.train_digits}\ntest_digits = {args.test_digits}\n"
     )
     return path
@@ -77,6 +80,8 @@ def plain_optuna(mnist, experiment: Experiment, seed: int) -> tuple[float, float
     started = time.perf_counter()
     budget = experiment.budget
     torch.set_num_threads(os.cpu_count())
+    # Optuna's pruner counts whole steps: a step here is 1/unit epoch, which every report lands on.
+    unit = math.lcm(budget.first_epoch_reports, budget.reports_per_epoch)
     train = [split_columns(mnist, experiment, "train", epoch, seed) for epoch in range(budget.max_epochs)]
     val = split_columns(mnist, experiment, "val", 0, seed)
     best = [0.0]
@@ -90,11 +95,12 @@ def plain_optuna(mnist, experiment: Experiment, seed: int) -> tuple[float, float
         def report(metrics, state):
             values.append(metrics[OBJECTIVE])
             best[0] = max(best[0], metrics[OBJECTIVE])
-            trial.report(metrics[OBJECTIVE], step=len(values))
+            trial.report(metrics[OBJECTIVE], step=round(metrics["epoch"] * unit))
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        fit(params, max_epochs=budget.max_epochs, reports_per_epoch=budget.reports_per_epoch,
+        fit(params, max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
+            reports_per_epoch=budget.reports_per_epoch,
             train_data=lambda epoch: train[epoch], val_data=val, train_rows=len(train[0]["label"]), report=report,
             device=torch.device("cpu"), seed=seed)
         return max(values)
@@ -103,7 +109,7 @@ def plain_optuna(mnist, experiment: Experiment, seed: int) -> tuple[float, float
     study = optuna.create_study(
         direction="maximize", sampler=make_sampler(budget.trials, seed),
         pruner=optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=budget.grace_period, reduction_factor=budget.reduction_factor
+            min_resource=max(1, round(budget.grace_period * unit)), reduction_factor=budget.reduction_factor
         ),
     )
     study.optimize(objective, n_trials=budget.trials)
@@ -125,7 +131,7 @@ def raylocal_search(args, experiment_path: Path, out: Path) -> tuple[float, dict
     from raylocal import tune
 
     argv = ["--experiment", str(experiment_path), "--storage", str(out), "--name", "bench_search",
-            "--seed", str(args.seed), "--quiet"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+            "--seed", str(args.seed), "--quiet", *benchlib.data_flags(args)]
     started = time.perf_counter()
     summary = tune.main(tune.get_args_parser().parse_args(argv))
     return time.perf_counter() - started, summary
@@ -133,7 +139,8 @@ def raylocal_search(args, experiment_path: Path, out: Path) -> tuple[float, dict
 
 def main(args) -> None:
     benchlib.print_setup("search overhead", trials=args.trials, max_epochs=args.max_epochs,
-                         reports_per_epoch=args.reports_per_epoch, train_digits=args.train_digits, seed=args.seed)
+                         first_epoch_reports=args.first_epoch_reports, reports_per_epoch=args.reports_per_epoch,
+                         train_digits=args.train_digits, seed=args.seed)
     mnist = benchlib.load_digits(args)
     with tempfile.TemporaryDirectory() as scratch:
         experiment_path = experiment_file(args, Path(scratch))

@@ -69,7 +69,7 @@ def engine_fit(params, data, val, threads: int, seed: int) -> dict:
     torch.set_num_threads(threads)
     reports = []
     fit(
-        params, max_epochs=1, reports_per_epoch=1, train_data=lambda epoch: data, val_data=val,
+        params, max_epochs=1, first_epoch_reports=1, reports_per_epoch=1, train_data=lambda epoch: data, val_data=val,
         train_rows=len(data["label"]), report=lambda metrics, state: reports.append(metrics),
         device=torch.device("cpu"), seed=seed,
     )
@@ -93,7 +93,7 @@ def ray_train_fit(params, data, val, threads: int, seed: int) -> tuple[dict, flo
         verified=True,
     )
     settings = TrialSettings(
-        max_epochs=1, reports_per_epoch=1, workers=1, cpus_per_worker=threads, gpus_per_worker=0,
+        max_epochs=1, first_epoch_reports=1, reports_per_epoch=1, workers=1, cpus_per_worker=threads, gpus_per_worker=0,
         backend="ray-train", storage_path="/tmp/raylocal-bench", experiment_name="bench_train", seed=seed, fixed={},
     )
     trainer = TorchTrainer(

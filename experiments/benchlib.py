@@ -21,8 +21,14 @@ from raylocal.synthesis import split_plan, synthesize_shard  # noqa: E402
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data-dir", help="MNIST IDX files (else $RAYLOCAL_DATA_DIR, cache, download)")
+    parser.add_argument("--unverified-data", action="store_true", help="accept MNIST files with other hashes (test fixtures)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def data_flags(args: argparse.Namespace) -> list[str]:
+    """The data flags of this benchmark, for the `raylocal.tune` command it runs."""
+    return (["--data-dir", args.data_dir] if args.data_dir else []) + (["--unverified-data"] if args.unverified_data else [])
 
 
 def print_setup(name: str, **settings) -> None:
@@ -39,7 +45,7 @@ def print_setup(name: str, **settings) -> None:
 
 
 def load_digits(args: argparse.Namespace) -> Mnist:
-    return load_mnist(args.data_dir, log=lambda line: print(f"# {line}"))
+    return load_mnist(args.data_dir, verify=not args.unverified_data, log=lambda line: print(f"# {line}"))
 
 
 def train_split(mnist: Mnist, rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -49,6 +55,30 @@ def train_split(mnist: Mnist, rows: int, seed: int) -> dict[str, np.ndarray]:
         mnist.train_images, mnist.train_labels, plan, seed=seed, split="train", epoch=0, shard=0, shard_size=rows
     )
     return {key: columns[key] for key in ("image", "box", "label")}
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: list[dict]):
+    """A Ray cluster of `nodes` (keyword arguments of `ray.cluster_utils.Cluster.add_node`) on this
+    machine, its GCS address pinned for every process as `raylocal.tune` pins its own."""
+    from ray.cluster_utils import Cluster
+
+    from raylocal.tune import pin_local_address
+
+    pin_local_address()
+    object_store = 512 * 1024**2
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args=nodes[0] | {"object_store_memory": object_store, "include_dashboard": True,
+                                   "dashboard_host": "127.0.0.1"},
+    )
+    os.environ.pop("RAY_GCS_SERVER_PORT")
+    try:
+        for node in nodes[1:]:
+            cluster.add_node(**node, object_store_memory=object_store)
+        yield cluster
+    finally:
+        cluster.shutdown()
 
 
 @contextlib.contextmanager
@@ -64,6 +94,7 @@ def local_ray(num_cpus: int, dashboard: bool = True):
         address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
         log_to_driver=False, configure_logging=False,
     )
+    os.environ.pop("RAY_GCS_SERVER_PORT")
     print(f"# ray.init with {num_cpus} CPUs took {time.perf_counter() - started:.1f}s")
     try:
         yield ray

@@ -156,29 +156,28 @@ DEFAULT_SPACE = (
 
 @dataclass(frozen=True)
 class Budget:
-    """Trials and epochs; ASHA counts in reports, of which there are `reports_per_epoch` per epoch."""
+    """Trials and epochs, and when trials report. ASHA counts in epochs. A trial reports (and
+    scores the validation split) `first_epoch_reports` times in its first epoch, where early
+    stopping does most of its cutting, and `reports_per_epoch` times in each later epoch."""
 
     trials: int = 50
     max_epochs: int = 5
-    reports_per_epoch: int = 8
-    grace_period: int = 1
+    first_epoch_reports: int = 8
+    reports_per_epoch: int = 2
+    grace_period: float = 0.125
     reduction_factor: int = 4
 
     def __post_init__(self) -> None:
-        for key in ("trials", "max_epochs", "reports_per_epoch", "grace_period"):
+        for key in ("trials", "max_epochs", "first_epoch_reports", "reports_per_epoch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"budget.{key} must be >= 1, got {getattr(self, key)}")
         if self.reduction_factor < 2:
             raise ConfigError(f"budget.reduction_factor must be >= 2, got {self.reduction_factor}")
-        if self.grace_period > self.max_reports:
+        if not 0 < self.grace_period <= self.max_epochs:
             raise ConfigError(
-                f"budget.grace_period ({self.grace_period} reports) exceeds the longest trial "
-                f"({self.max_epochs} epochs x {self.reports_per_epoch} reports)"
+                f"budget.grace_period must be more than 0 and at most max_epochs ({self.max_epochs}) epochs, "
+                f"got {self.grace_period}"
             )
-
-    @property
-    def max_reports(self) -> int:
-        return self.max_epochs * self.reports_per_epoch
 
 
 @dataclass(frozen=True)

@@ -104,10 +104,23 @@ def make_optimizer(model: nn.Module, params: Hyperparameters, steps_per_epoch: i
     return optimizer, scheduler
 
 
+def report_schedule(max_epochs: int, first_epoch_reports: int, reports_per_epoch: int) -> list[tuple[int, int, int]]:
+    """(epoch, part, parts) of every report: the first epoch in `first_epoch_reports` parts, the
+    later ones in `reports_per_epoch` parts. Dense early reports let early stopping act within
+    the first epoch; sparse later ones keep validation from costing a quarter of the search."""
+    return [
+        (epoch, part, parts)
+        for epoch in range(max_epochs)
+        for parts in [first_epoch_reports if epoch == 0 else reports_per_epoch]
+        for part in range(parts)
+    ]
+
+
 def fit(
     params: Hyperparameters,
     *,
     max_epochs: int,
+    first_epoch_reports: int,
     reports_per_epoch: int,
     train_data: Callable[[int], Arrays],
     val_data: Arrays,
@@ -119,10 +132,10 @@ def fit(
     seed: int = 0,
 ) -> None:
     """Train for `max_epochs`, reporting metrics (aggregated over all workers) and a checkpoint
-    `reports_per_epoch` times per epoch, so that early stopping can act before a full epoch.
+    on the `report_schedule`, so that early stopping can act before a full epoch.
 
     `train_data(epoch)` returns this rank's `train_rows` rows of that epoch's freshly placed
-    (and already shuffled) canvases; report r of an epoch trains on its r-th contiguous part.
+    (and already shuffled) canvases; each report trains on the next contiguous part of them.
     `wrap` turns the model into its distributed form (DDP) after it is on the device.
     `resume` is a checkpoint state written by an earlier call; training continues after it.
     """
@@ -130,13 +143,13 @@ def fit(
     model = build_model(params.model_config()).to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    steps_per_report = train_rows // params.batch_size // reports_per_epoch
-    if steps_per_report < 1:
+    steps_per_epoch = train_rows // params.batch_size
+    if steps_per_epoch < max(first_epoch_reports, reports_per_epoch):
         raise ValueError(
             f"{train_rows} training rows per worker make less than one batch of {params.batch_size} per report"
         )
-    rows_per_report = steps_per_report * params.batch_size
-    optimizer, scheduler = make_optimizer(model, params, steps_per_report * reports_per_epoch, max_epochs)
+    optimizer, scheduler = make_optimizer(model, params, steps_per_epoch, max_epochs)
+    schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
     first_report = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -148,18 +161,21 @@ def fit(
     model = wrap(model)
     val = to_tensors(val_data, device)
     epoch_data, loaded_epoch = None, None
-    for index in range(first_report, max_epochs * reports_per_epoch):
-        epoch, part = divmod(index, reports_per_epoch)
+    for index in range(first_report, len(schedule)):
+        epoch, part, parts = schedule[index]
         started = time.perf_counter()
         if loaded_epoch != epoch:
             epoch_data, loaded_epoch = to_tensors(train_data(epoch), device), epoch
-        chunk = tuple(column[part * rows_per_report : (part + 1) * rows_per_report] for column in epoch_data)
+        rows = slice(part * steps_per_epoch // parts * params.batch_size,
+                     (part + 1) * steps_per_epoch // parts * params.batch_size)
+        chunk = tuple(column[rows] for column in epoch_data)
         train_sums = all_reduce(train_steps(model, optimizer, scheduler, chunk, params, device))
         train_seconds = time.perf_counter() - started
         val_sums = all_reduce(evaluate(unwrap(model), val, params, device))
+        progress = epoch + (part + 1) / parts
         metrics = summarize(train_sums, "train") | summarize(val_sums, "val")
         metrics |= {
-            "epoch": (index + 1) / reports_per_epoch,
+            "epoch": progress,
             "train_images_per_s": train_sums[0].item() / train_seconds,
             "report_seconds": time.perf_counter() - started,
         }
@@ -169,7 +185,7 @@ def fit(
             "scheduler": scheduler.state_dict(),
             "report": index + 1,
             "rng": torch.get_rng_state(),
-            "epoch": (index + 1) / reports_per_epoch,
+            "epoch": progress,
             "hyperparameters": asdict(params),
         }
         report(metrics, state)

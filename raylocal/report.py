@@ -71,18 +71,19 @@ def load_trials(experiment_dir: Path, card: dict[str, Any]) -> tuple[list[dict[s
                        "trial_id": rows[-1].get("trial_id") if rows else (match["id"] if match else folder.name)})
     names = list(dict.fromkeys(name for trial in trials for name in trial["params"]))
     budget = card.get("search", {}).get("settings", {}).get("budget", {})
-    # Without the card's budget (a search that never got to export, or a card from before
-    # reports_per_epoch) the longest trial stands for a full one: right once any trial ran its
-    # course, while a search killed before that shows its longest ASHA survivors as completed.
-    max_reports = budget["max_epochs"] * budget["reports_per_epoch"] if "reports_per_epoch" in budget else \
-        max((trial["rows"][-1].get("training_iteration", 0) for trial in trials if trial["rows"]), default=0)
+    # Without the card's budget (a search that never got to export) the longest trial stands
+    # for a full one: right once any trial ran its course, while a search killed before that
+    # shows its longest ASHA survivors as completed.
+    max_epochs = budget.get("max_epochs") or max(
+        (trial["rows"][-1].get("epoch", 0) for trial in trials if trial["rows"]), default=0
+    )
     for number, trial in enumerate(trials, 1):
         rows, last = trial["rows"], trial["rows"][-1] if trial["rows"] else {}
         scored = [row for row in rows if finite(row.get(OBJECTIVE))]
         trial["best_row"] = best = max(scored, key=lambda row: row[OBJECTIVE], default={})
         reports = last.get("training_iteration", 0)
         # Tune writes error.txt at every failure, also at those it then retried with success.
-        reason = (COMPLETED if reports >= max_reports else STOPPED) if last.get("done") else \
+        reason = (COMPLETED if last.get("epoch", 0) >= max_epochs else STOPPED) if last.get("done") else \
             ERROR if (trial["folder"] / "error.txt").exists() else RUNNING
         trial["record"] = {
             "trial": number, "trial_id": trial["trial_id"], **{name: trial["params"].get(name) for name in names},

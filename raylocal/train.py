@@ -29,6 +29,7 @@ BACKENDS = ("inline", "ray-train")
 @dataclass(frozen=True)
 class TrialSettings:
     max_epochs: int
+    first_epoch_reports: int
     reports_per_epoch: int
     workers: int
     cpus_per_worker: int
@@ -109,6 +110,7 @@ def fit_this_rank(
     fit(
         params,
         max_epochs=settings.max_epochs,
+        first_epoch_reports=settings.first_epoch_reports,
         reports_per_epoch=settings.reports_per_epoch,
         train_data=lambda epoch: data.train_epochs[epoch].fetch(rank, world_size),
         val_data=data.val.fetch(rank, world_size),

@@ -132,7 +132,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
     experiment = load_experiment(args.experiment) if args.experiment else Experiment()
     if args.smoke_test:
         experiment = experiment.with_data(**asdict(SMOKE_DATA) | {"tight_boxes": experiment.data.tight_boxes})
-        experiment = experiment.with_budget(trials=2, max_epochs=1, reports_per_epoch=2, grace_period=1)
+        experiment = experiment.with_budget(
+            trials=2, max_epochs=1, first_epoch_reports=2, reports_per_epoch=2, grace_period=0.5
+        )
     experiment = experiment.with_budget(trials=args.trials, max_epochs=args.max_epochs)
     for flag in ("workers_per_trial", "cpus_per_worker"):
         if getattr(args, flag) < 1:
@@ -193,7 +195,8 @@ def pin_local_address() -> str:
     """Choose the new local instance's GCS port now and name it in RAY_ADDRESS, which every Ray
     process of the instance inherits. Ray Train's placement-group cleaner finds its cluster
     through the state API with no address; with a second instance on the machine (another
-    search) that lookup fails ("Found multiple active Ray instances") and the trial hangs."""
+    search) that lookup fails ("Found multiple active Ray instances") and the trial hangs.
+    RAY_GCS_SERVER_PORT is for the start only: the caller removes it once the instance is up."""
     import ray
 
     loopback = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
@@ -223,6 +226,7 @@ def start_ray(address: str | None, quiet: bool = False, log=print):
         context = ray.init(
             address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=not quiet
         )
+        os.environ.pop("RAY_GCS_SERVER_PORT")
         if context.address_info["address"] != pinned:
             ray.shutdown()
             raise RuntimeError(f"Ray started at {context.address_info['address']}, not at {pinned} as asked")
@@ -306,7 +310,8 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
     mnist = load_mnist(args.data_dir, verify=not args.unverified_data, log=log)
     data = build_search_data(mnist, experiment.data, budget.max_epochs, args.seed, log=log)
     settings = TrialSettings(
-        max_epochs=budget.max_epochs, reports_per_epoch=budget.reports_per_epoch, workers=workers, cpus_per_worker=args.cpus_per_worker,
+        max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
+        reports_per_epoch=budget.reports_per_epoch, workers=workers, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=gpus_per_worker, backend=backend, storage_path=plan.storage,
         experiment_name=plan.name, seed=args.seed, fixed=asdict(experiment.fixed),
     )
@@ -330,7 +335,8 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
             mode="max",
             search_alg=OptunaSearch(sampler=sampler, study_name=plan.name, storage=optuna_storage) if space else None,
             scheduler=ASHAScheduler(
-                time_attr="training_iteration", max_t=budget.max_reports,
+                # In epochs, not reports: reports are denser in the first epoch than later.
+                time_attr="epoch", max_t=budget.max_epochs,
                 grace_period=budget.grace_period, reduction_factor=budget.reduction_factor,
             ),
             num_samples=budget.trials,
@@ -355,8 +361,9 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
             verbose=0 if args.quiet else args.verbose,
         ),
     )
-    log(f"search: {budget.trials} trials, up to {budget.max_epochs} epochs each, reporting {budget.reports_per_epoch}x "
-        f"per epoch; ASHA stops the worst after {budget.grace_period} report(s), reduction factor "
+    log(f"search: {budget.trials} trials, up to {budget.max_epochs} epochs each, reporting {budget.first_epoch_reports}x "
+        f"in the first epoch and {budget.reports_per_epoch}x per later epoch; ASHA stops the worst after "
+        f"{budget.grace_period:g} epoch(s), reduction factor "
         f"{budget.reduction_factor}; results in {plan.storage}/{plan.name}")
     if not plan.resume:
         write_manifest(args, plan)

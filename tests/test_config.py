@@ -150,6 +150,8 @@ def test_parse_experiment_rejects_a_name_both_fixed_and_searched():
         ({"trials": 0}, "budget.trials"),
         ({"max_epochs": 0}, "budget.max_epochs"),
         ({"grace_period": 0}, "budget.grace_period"),
+        ({"first_epoch_reports": 0}, "budget.first_epoch_reports"),
+        ({"reports_per_epoch": 0}, "budget.reports_per_epoch"),
         ({"max_epochs": 3, "grace_period": 1000}, "budget.grace_period"),
         ({"reduction_factor": 1}, "budget.reduction_factor"),
     ],
@@ -226,7 +228,8 @@ dropout = {type = "uniform", low = 0.0, high = 0.5}
 [budget]
 trials = 12
 max_epochs = 9
-grace_period = 3
+first_epoch_reports = 4
+grace_period = 0.25
 reduction_factor = 2
 
 [data]
@@ -250,7 +253,9 @@ def test_load_experiment_round_trip(tmp_path: Path):
         Dimension("dropout", "uniform", 0.0, 0.5),
     )
     budget = experiment.budget
-    assert (budget.trials, budget.max_epochs, budget.grace_period, budget.reduction_factor) == (12, 9, 3, 2)
+    assert (budget.trials, budget.max_epochs, budget.first_epoch_reports, budget.grace_period, budget.reduction_factor) == (
+        12, 9, 4, 0.25, 2
+    )
     assert experiment.data == DataSettings(tight_boxes=True, train_digits=1200, test_digits=None, shard_size=300)
     assert experiment.describe()["fixed"]["box_loss"] == "giou"
 

@@ -28,12 +28,13 @@ def splits():
     return make
 
 
-def run(splits, max_epochs=2, reports_per_epoch=2, resume=None):
+def run(splits, max_epochs=2, first_epoch_reports=2, reports_per_epoch=2, resume=None):
     reports = []
     torch.set_num_threads(1)
     fit(
         PARAMS,
         max_epochs=max_epochs,
+        first_epoch_reports=first_epoch_reports,
         reports_per_epoch=reports_per_epoch,
         train_data=lambda epoch: splits("train", epoch),
         val_data=splits("val", 0),
@@ -55,6 +56,14 @@ def test_reports_every_part_of_every_epoch_with_a_checkpoint(splits):
         assert set(state) >= {"model", "optimizer", "scheduler", "rng", "hyperparameters"}
 
 
+def test_the_first_epoch_reports_more_often_than_later_ones(splits):
+    reports = run(splits, max_epochs=3, first_epoch_reports=4, reports_per_epoch=1)
+    assert [metrics["epoch"] for metrics, _ in reports] == [0.25, 0.5, 0.75, 1.0, 2.0, 3.0]
+    # Together the parts of an epoch take every full batch once: the schedule runs to its end.
+    steps_per_epoch = len(splits("train", 0)["label"]) // PARAMS.batch_size
+    assert reports[-1][1]["scheduler"]["last_epoch"] == 3 * steps_per_epoch
+
+
 def test_resuming_from_a_checkpoint_continues_exactly(splits):
     straight = run(splits)
     resumed = run(splits, resume=straight[1][1])
@@ -65,7 +74,7 @@ def test_resuming_from_a_checkpoint_continues_exactly(splits):
 
 
 def test_training_improves_the_validation_objective(splits):
-    reports = run(splits, max_epochs=4, reports_per_epoch=1)
+    reports = run(splits, max_epochs=4, first_epoch_reports=1, reports_per_epoch=1)
     first, last = reports[0][0], reports[-1][0]
     assert last["val_loss"] < first["val_loss"]
     assert last["val_mean_iou"] > first["val_mean_iou"]
@@ -73,7 +82,7 @@ def test_training_improves_the_validation_objective(splits):
 
 def test_too_few_rows_for_one_batch_per_report_is_a_clear_error(splits):
     with pytest.raises(ValueError, match="less than one batch"):
-        run(splits, reports_per_epoch=100)
+        run(splits, first_epoch_reports=100)
 
 
 @pytest.mark.parametrize("steps_per_epoch, epochs", [(3, 1), (4, 1), (10, 2), (20, 1), (53, 40)])

@@ -25,8 +25,9 @@ lr = { type = "loguniform", low = 1e-3, high = 1e-2 }
 [budget]
 trials = 3
 max_epochs = 8
+first_epoch_reports = 2
 reports_per_epoch = 2
-grace_period = 1
+grace_period = 0.5
 reduction_factor = 2
 [data]
 shard_size = 500

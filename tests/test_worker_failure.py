@@ -23,6 +23,7 @@ lr = 3e-3
 [budget]
 trials = 1
 max_epochs = 6
+first_epoch_reports = 2
 reports_per_epoch = 2
 [data]
 shard_size = 500

@@ -1,0 +1,107 @@
+"""Scaling: one fixed amount of search work on 1 and 2 Ray nodes of this machine, and with 1 or 2
+Ray Train workers per trial.
+
+The work is the same in every layout: `--trials` identical trials (fixed hyperparameters,
+no early stopping), each `--epochs` epochs over the same canvases, run by `raylocal.tune`
+joining a Ray cluster started here with `ray.cluster_utils.Cluster` (real separate raylets,
+object stores and worker processes; one machine). Printed per layout: wall time of the
+whole command, training samples per second of the search (all trained canvases over the
+time from the first trial's start to the last one's end) and the per-trial training rate.
+On a machine with GPUs, layouts with one GPU per worker are added.
+
+    python experiments/bench_scaling.py                 # ~6 min on 2 cores
+    python experiments/bench_scaling.py --trials 2 --train-digits 4000   # quick
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+
+from raylocal.synthesis import split_plan
+
+
+def get_args_parser():
+    parser = benchlib.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--train-digits", type=int, default=12_000)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--width", type=int, default=16)
+    return parser
+
+
+def layouts(cpus: int, gpus: int) -> list[tuple[str, list[dict], int]]:
+    """(name, nodes, workers per trial)."""
+    half = max(1, cpus // 2)
+    found = [
+        (f"1 node x {half} CPU, 1 worker/trial", [{"num_cpus": half}], 1),
+        (f"2 nodes x {half} CPU, 1 worker/trial", [{"num_cpus": half}] * 2, 1),
+        (f"1 node x {2 * half} CPU, 2 workers/trial (DDP)", [{"num_cpus": 2 * half}], 2),
+        (f"2 nodes x {half} CPU, 2 workers/trial (DDP across nodes)", [{"num_cpus": half}] * 2, 2),
+    ]
+    if gpus:
+        found.append((f"1 node, {gpus} GPU, 1 worker/trial", [{"num_cpus": cpus, "num_gpus": gpus}], 1, []))
+        if gpus >= 2:
+            found.append((f"1 node, {gpus} GPU, 2 workers/trial (DDP, NCCL)", [{"num_cpus": cpus, "num_gpus": gpus}], 2, []))
+    return found
+
+
+def run_layout(args, nodes: list[dict], workers: int, experiment: Path, out: Path) -> dict:
+    from raylocal import tune
+
+    with benchlib.local_cluster(nodes) as cluster:
+        argv = ["--experiment", str(experiment), "--storage", str(out), "--name", "scaling", "--address",
+                cluster.address, "--workers-per-trial", str(workers), "--seed", str(args.seed), "--quiet",
+                *benchlib.data_flags(args)]
+        started = time.perf_counter()
+        summary = tune.main(tune.get_args_parser().parse_args(argv))
+        wall = time.perf_counter() - started
+    rows = []
+    for results in (out / "scaling").glob("*/result.json"):
+        rows += [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    ends = [row["timestamp"] for row in rows]
+    starts = [row["timestamp"] - row["time_total_s"] for row in rows]
+    trained = summary["data"]["train_canvases_per_epoch"] * args.epochs * args.trials
+    rates = [row["train_images_per_s"] for row in rows]
+    return {"wall": wall, "search_samples_per_s": trained / (max(ends) - min(starts)),
+            "trial_samples_per_s": sum(rates) / len(rates), "nodes": len({node for row in rows for node in row["worker_nodes"].split(",")})}
+
+
+def main(args) -> None:
+    import torch
+
+    cpus, gpus = os.cpu_count(), torch.cuda.device_count()
+    benchlib.print_setup("scaling", trials=args.trials, epochs=args.epochs, train_digits=args.train_digits,
+                         depth=args.depth, width=args.width)
+    train_rows = len(split_plan(args.train_digits, 1000).train)
+    print(f"# work per layout: {args.trials} trials x {args.epochs} epoch(s) x {train_rows:,} canvases, "
+          f"depth {args.depth} width {args.width}, no early stopping")
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        experiment = Path(scratch) / "scaling.toml"
+        experiment.write_text(
+            f"[fixed]\ndepth = {args.depth}\nwidth = {args.width}\n[space]\n"
+            f"[budget]\ntrials = {args.trials}\nmax_epochs = {args.epochs}\nfirst_epoch_reports = 1\nreports_per_epoch = 1\n"
+            f"grace_period = {args.epochs}\n[data]\ntrain_digits = {args.train_digits}\ntest_digits = 1000\n"
+        )
+        for index, (name, nodes, workers) in enumerate(layouts(cpus, gpus)):
+            result = run_layout(args, nodes, workers, experiment, Path(scratch) / f"layout{index}")
+            results[name] = result
+            print(f"{name:55} wall {result['wall']:6.1f}s  search {result['search_samples_per_s']:7.0f} samples/s  "
+                  f"per trial {result['trial_samples_per_s']:7.0f} samples/s  (workers ran on {result['nodes']} "
+                  f"node(s))", flush=True)
+    names = list(results)
+    base = results[names[0]]
+    for name in names[1:]:
+        print(f"ratio {name} / {names[0]}: wall {results[name]['wall'] / base['wall']:.2f}x, "
+              f"search samples/s {results[name]['search_samples_per_s'] / base['search_samples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,43 @@
+"""The benchmark scripts of experiments/ run end to end at toy size and print their figures.
+
+They measure, they do not assert speed: here only that each runs and prints every figure
+it promises (a script that broke would otherwise be found only when someone needs numbers).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+NUMBER = r"[0-9][0-9,]*\.?[0-9]*"
+
+CASES = {
+    "bench_synthesis.py": (["--cpus", "1", "--repeats", "1", "--shard-size", "500"],
+                           [rf"pure function, 1 core +{NUMBER} canvases", rf"Ray Data / \(pure per core x 1 cores\): {NUMBER}"]),
+    "bench_train.py": (["--rows", "512", "--val-rows", "200", "--depth", "2", "--width", "4", "--threads", "1"],
+                       [rf"plain PyTorch loop \(default\) +{NUMBER}", rf"raylocal loop in Ray Train +{NUMBER}",
+                        rf"ratio Ray Train loop / faster plain loop: {NUMBER}"]),
+    "bench_search.py": (["--trials", "2", "--max-epochs", "1", "--reports-per-epoch", "2", "--train-digits", "1200",
+                         "--test-digits", "200"],
+                        [rf"plain Optuna, 1 process, \d+ threads: +{NUMBER}s", rf"trials ran {NUMBER} at once",
+                         rf"wall ratio raylocal \(whole command\) / plain Optuna: {NUMBER}"]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_benchmark_runs_and_prints_its_figures(script, tiny_mnist_dir, tmp_path):
+    flags, expected = CASES[script]
+    process = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / script), "--data-dir", str(tiny_mnist_dir), "--unverified-data", *flags],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    for pattern in expected:
+        assert re.search(pattern, process.stdout), f"{pattern!r} not in:\n{process.stdout}"
