@@ -65,7 +65,7 @@ def local_cluster(nodes: list[dict]):
 
     from raylocal.tune import pin_local_address
 
-    pin_local_address()
+    pinned = pin_local_address()
     object_store = 512 * 1024**2
     cluster = Cluster(
         initialize_head=True,
@@ -74,6 +74,8 @@ def local_cluster(nodes: list[dict]):
     )
     os.environ.pop("RAY_GCS_SERVER_PORT")
     try:
+        if cluster.address != pinned:
+            raise RuntimeError(f"the cluster started at {cluster.address}, not at {pinned} as asked")
         for node in nodes[1:]:
             cluster.add_node(**node, object_store_memory=object_store)
         yield cluster
