@@ -33,6 +33,7 @@ def get_args_parser():
     parser.add_argument("--train-digits", type=int, default=12_000)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--layouts", default=None, help="which layouts, by number in the printed order (e.g. 1,4); the first is the base")
     return parser
 
 
@@ -90,7 +91,10 @@ def main(args) -> None:
             f"[budget]\ntrials = {args.trials}\nmax_epochs = {args.epochs}\nfirst_epoch_reports = 1\nreports_per_epoch = 1\n"
             f"grace_period = {args.epochs}\n[data]\ntrain_digits = {args.train_digits}\ntest_digits = 1000\n"
         )
+        chosen = [int(number) for number in args.layouts.split(",")] if args.layouts else None
         for index, (name, nodes, workers) in enumerate(layouts(cpus, gpus)):
+            if chosen and index + 1 not in chosen:
+                continue
             result = run_layout(args, nodes, workers, experiment, Path(scratch) / f"layout{index}")
             results[name] = result
             print(f"{name:55} wall {result['wall']:6.1f}s  search {result['search_samples_per_s']:7.0f} samples/s  "

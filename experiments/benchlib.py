@@ -63,14 +63,15 @@ def local_cluster(nodes: list[dict]):
     machine, its GCS address pinned for every process as `raylocal.tune` pins its own."""
     from ray.cluster_utils import Cluster
 
-    from raylocal.tune import pin_local_address
+    from raylocal.tune import free_port, pin_local_address
 
     pinned = pin_local_address()
     object_store = 512 * 1024**2
     cluster = Cluster(
         initialize_head=True,
+        # A cluster's head takes dashboard port 8265 or fails; another instance may hold it.
         head_node_args=nodes[0] | {"object_store_memory": object_store, "include_dashboard": True,
-                                   "dashboard_host": "127.0.0.1"},
+                                   "dashboard_host": "127.0.0.1", "dashboard_port": free_port()},
     )
     os.environ.pop("RAY_GCS_SERVER_PORT")
     try:

@@ -191,6 +191,13 @@ def check_reachable(address: str) -> None:
         raise ConfigError(f"--address {address}: no Ray cluster answers there ({error})") from None
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the OS's pick), for a Ray process about to start."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def pin_local_address() -> str:
     """Choose the new local instance's GCS port now and name it in RAY_ADDRESS, which every Ray
     process of the instance inherits. Ray Train's placement-group cleaner finds its cluster
@@ -201,9 +208,7 @@ def pin_local_address() -> str:
 
     loopback = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
     host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
+    port = free_port(host)
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"{host}:{port}"
     return os.environ["RAY_ADDRESS"]

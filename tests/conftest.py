@@ -43,7 +43,7 @@ def ray_session():
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray's usage-stats poller outlives pytest's captured streams and logs into closed files.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from raylocal.tune import pin_local_address
+    from raylocal.tune import free_port, pin_local_address
 
     # Named in RAY_ADDRESS for every process of the cluster: Ray Train finds its cluster by it,
     # also while a test's own searches run further Ray instances beside this one.
@@ -51,7 +51,7 @@ def ray_session():
     node = {"num_cpus": 1, "object_store_memory": 512 * 1024**2}
     # The dashboard is on because Ray Train cleans up placement groups through its state API.
     cluster = Cluster(
-        initialize_head=True, head_node_args=node | {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+        initialize_head=True, head_node_args=node | {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()}
     )
     os.environ.pop("RAY_GCS_SERVER_PORT")
     cluster.add_node(**node)

@@ -24,9 +24,10 @@ CASES = {
     "bench_train.py": (["--rows", "512", "--val-rows", "200", "--depth", "2", "--width", "4", "--threads", "1"],
                        [rf"plain PyTorch loop \(default\) +{NUMBER}", rf"raylocal loop in Ray Train +{NUMBER}",
                         rf"ratio Ray Train loop / faster plain loop: {NUMBER}"]),
-    "bench_scaling.py": (["--trials", "2", "--train-digits", "1200", "--depth", "2", "--width", "4"],
-                         [rf"2 nodes x 1 CPU, 1 worker/trial +wall +{NUMBER}s", r"DDP across nodes\) .*workers ran on 2 node",
-                          rf"ratio 2 nodes x 1 CPU, 1 worker/trial / 1 node x 1 CPU, 1 worker/trial: wall {NUMBER}x"]),
+    # Two of the four layouts: the base, and DDP with one worker on each of two nodes.
+    "bench_scaling.py": (["--trials", "2", "--train-digits", "1200", "--depth", "2", "--width", "4", "--layouts", "1,4"],
+                         [rf"1 node x 1 CPU, 1 worker/trial +wall +{NUMBER}s", r"DDP across nodes\) .*workers ran on 2 node",
+                          rf"ratio 2 nodes x 1 CPU, 2 workers/trial \(DDP across nodes\) / 1 node x 1 CPU, 1 worker/trial: wall {NUMBER}x"]),
     "bench_search.py": (["--trials", "2", "--max-epochs", "1", "--first-epoch-reports", "2", "--train-digits", "1200",
                          "--test-digits", "200"],
                         [rf"plain Optuna, 1 process, \d+ threads: +{NUMBER}s", rf"trials ran {NUMBER} at once",
