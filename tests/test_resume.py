@@ -81,7 +81,12 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     # A trial started just before the kill but not yet in Tune's saved state leaves an empty
     # folder; the resumed searcher starts that configuration again as a new trial.
     after = {name: rows for name, rows in results_by_trial(experiment_dir).items() if rows}
-    assert len(after) == 3 and all(rows[-1].get("done") for rows in after.values())
+    # Tune's own saved state says which trials the search holds and how each ended; a folder
+    # left by a trial started just before the kill is not one of them.
+    from ray.tune import ExperimentAnalysis
+
+    statuses = [trial.status for trial in ExperimentAnalysis(str(experiment_dir)).trials]
+    assert statuses == ["TERMINATED"] * 3, statuses
     assert after[finished] == before[finished]
     resumed_rows = after[interrupted][len(before[interrupted]):]
     assert resumed_rows, "the interrupted trial did not continue"
