@@ -7,7 +7,10 @@ joining a Ray cluster started here with `ray.cluster_utils.Cluster` (real separa
 object stores and worker processes; one machine). Printed per layout: wall time of the
 whole command, training samples per second of the search (all trained canvases over the
 time from the first trial's start to the last one's end) and the per-trial training rate.
-On a machine with GPUs, layouts with one GPU per worker are added.
+With GPUs, two layouts are added: one-worker trials sharing each GPU (raylocal's default on
+GPUs) and, with 2 GPUs or more, 2-worker DDP trials holding one GPU per worker. `--gpus N`
+declares N GPUs to Ray: on a machine without CUDA they are Ray's logical GPUs, scheduled but
+not computed on (the search then runs with `--device cpu`, said in the output).
 
     python experiments/bench_scaling.py                 # ~6 min on 2 cores
     python experiments/bench_scaling.py --trials 2 --train-digits 4000   # quick
@@ -34,6 +37,7 @@ def get_args_parser():
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--layouts", default=None, help="which layouts, by number in the printed order (e.g. 1,4); the first is the base")
+    parser.add_argument("--gpus", type=int, help="GPUs to declare to Ray (default: the CUDA devices present)")
     return parser
 
 
@@ -47,18 +51,20 @@ def layouts(cpus: int, gpus: int) -> list[tuple[str, list[dict], int]]:
         (f"2 nodes x {half} CPU, 2 workers/trial (DDP across nodes)", [{"num_cpus": half}] * 2, 2),
     ]
     if gpus:
-        found.append((f"1 node, {gpus} GPU, 1 worker/trial", [{"num_cpus": cpus, "num_gpus": gpus}], 1, []))
+        found.append((f"1 node x {cpus} CPU, {gpus} GPU, 1 worker/trial (trials share GPUs)",
+                      [{"num_cpus": cpus, "num_gpus": gpus}], 1))
         if gpus >= 2:
-            found.append((f"1 node, {gpus} GPU, 2 workers/trial (DDP, NCCL)", [{"num_cpus": cpus, "num_gpus": gpus}], 2, []))
+            found.append((f"1 node x {cpus} CPU, {gpus} GPU, 2 workers/trial (DDP, 1 GPU each)",
+                          [{"num_cpus": cpus, "num_gpus": gpus}], 2))
     return found
 
 
-def run_layout(args, nodes: list[dict], workers: int, experiment: Path, out: Path) -> dict:
+def run_layout(args, nodes: list[dict], workers: int, experiment: Path, out: Path, device: str) -> dict:
     from raylocal import tune
 
     with benchlib.local_cluster(nodes) as cluster:
         argv = ["--experiment", str(experiment), "--storage", str(out), "--name", "scaling", "--address",
-                cluster.address, "--workers-per-trial", str(workers), "--seed", str(args.seed), "--quiet",
+                cluster.address, "--workers-per-trial", str(workers), "--seed", str(args.seed), "--quiet", "--device", device,
                 *benchlib.data_flags(args)]
         started = time.perf_counter()
         summary = tune.main(tune.get_args_parser().parse_args(argv))
@@ -71,13 +77,19 @@ def run_layout(args, nodes: list[dict], workers: int, experiment: Path, out: Pat
     trained = summary["data"]["train_canvases_per_epoch"] * args.epochs * args.trials
     rates = [row["train_images_per_s"] for row in rows]
     return {"wall": wall, "search_samples_per_s": trained / (max(ends) - min(starts)),
-            "trial_samples_per_s": sum(rates) / len(rates), "nodes": len({node for row in rows for node in row["worker_nodes"].split(",")})}
+            "trial_samples_per_s": sum(rates) / len(rates), "nodes": len({node for row in rows for node in row["worker_nodes"].split(",")}),
+            "gpus": sorted({gpu for row in rows for gpu in row["worker_gpus"].split(",")} - {"-"})}
 
 
 def main(args) -> None:
     import torch
 
-    cpus, gpus = os.cpu_count(), torch.cuda.device_count()
+    cpus = os.cpu_count()
+    gpus = torch.cuda.device_count() if args.gpus is None else args.gpus
+    # Declared GPUs beyond the CUDA devices present are Ray's logical GPUs: scheduled, not computed on.
+    device = "auto" if gpus <= torch.cuda.device_count() else "cpu"
+    if device == "cpu":
+        print(f"# {gpus} logical GPU(s) declared to Ray; trials compute on the CPU (--device cpu)")
     benchlib.print_setup("scaling", trials=args.trials, epochs=args.epochs, train_digits=args.train_digits,
                          depth=args.depth, width=args.width)
     train_rows = len(split_plan(args.train_digits, 1000).train)
@@ -95,11 +107,11 @@ def main(args) -> None:
         for index, (name, nodes, workers) in enumerate(layouts(cpus, gpus)):
             if chosen and index + 1 not in chosen:
                 continue
-            result = run_layout(args, nodes, workers, experiment, Path(scratch) / f"layout{index}")
+            result = run_layout(args, nodes, workers, experiment, Path(scratch) / f"layout{index}", device)
             results[name] = result
             print(f"{name:55} wall {result['wall']:6.1f}s  search {result['search_samples_per_s']:7.0f} samples/s  "
                   f"per trial {result['trial_samples_per_s']:7.0f} samples/s  (workers ran on {result['nodes']} "
-                  f"node(s))", flush=True)
+                  f"node(s){', GPUs ' + '+'.join(result['gpus']) if result['gpus'] else ''})", flush=True)
     names = list(results)
     base = results[names[0]]
     for name in names[1:]:

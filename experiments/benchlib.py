@@ -44,8 +44,9 @@ def print_setup(name: str, **settings) -> None:
     print("# settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()))
 
 
-def load_digits(args: argparse.Namespace) -> Mnist:
-    return load_mnist(args.data_dir, verify=not args.unverified_data, log=lambda line: print(f"# {line}"))
+def load_digits(args: argparse.Namespace, quiet: bool = False) -> Mnist:
+    log = (lambda line: None) if quiet else (lambda line: print(f"# {line}"))
+    return load_mnist(args.data_dir, verify=not args.unverified_data, log=log)
 
 
 def train_split(mnist: Mnist, rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -85,8 +86,8 @@ def local_cluster(nodes: list[dict]):
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int, dashboard: bool = True):
-    """One local Ray instance with `num_cpus` CPUs, pinned the way `raylocal.tune` pins its own."""
+def local_ray(num_cpus: int, dashboard: bool = True, gpus: int = 0):
+    """One local Ray instance with `num_cpus` CPUs (and `gpus` GPUs), pinned the way `raylocal.tune` pins its own."""
     import ray
 
     from raylocal.tune import pin_local_address
@@ -94,7 +95,7 @@ def local_ray(num_cpus: int, dashboard: bool = True):
     pin_local_address()
     started = time.perf_counter()
     ray.init(
-        address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        address="local", num_cpus=num_cpus, num_gpus=gpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
         log_to_driver=False, configure_logging=False,
     )
     os.environ.pop("RAY_GCS_SERVER_PORT")

@@ -74,7 +74,8 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
         },
         "search": {
             "settings": plan.experiment.describe(), "trials": len(results), "errored_trials": len(errors),
-            "backend": settings.backend, "workers_per_trial": settings.workers, "seed": settings.seed,
+            "backend": settings.layout.backend, "workers_per_trial": settings.layout.workers,
+            "device": settings.layout.device, "gpus_per_worker": settings.layout.gpus_per_worker, "seed": settings.seed,
             "wall_seconds_until_export": round(search_seconds, 1), "storage": f"{plan.storage}/{plan.name}",
         },
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou, generalized_box_iou_loss
+from torchvision.ops import box_area, generalized_box_iou_loss
 
 from raylocal.config import BOX_LOSSES
 from raylocal.synthesis import CANVAS
@@ -19,9 +19,12 @@ READABLE = {"correct": "accuracy", "iou": "mean_iou"}
 
 
 def elementwise_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # torchvision only ships the pairwise matrix; evaluation batches are small enough
-    # that taking its diagonal costs less than keeping a hand-written copy of IoU.
-    return box_iou(pred, target).diagonal()
+    # torchvision ships only the pairwise matrix (`box_iou`); its diagonal would cost N^2
+    # memory for the tens of thousands of boxes of one report's training steps.
+    top_left = torch.maximum(pred[:, :2], target[:, :2])
+    bottom_right = torch.minimum(pred[:, 2:], target[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    return inter / (box_area(pred) + box_area(target) - inter)
 
 
 def box_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Ray Train stage: run one trial's training, inline in the Tune trial or as a DDP TorchTrainer.
 
-Inline is for one CPU worker per trial: a TorchTrainer would start a controller and worker
-processes (each importing torch) per trial, which buys nothing there. Several workers or
-GPUs go through TorchTrainer with DDP (NCCL on GPUs, gloo on CPUs). Both paths call the
-same `engine.fit`.
+Inline is for one worker per trial, on CPUs or on a fraction of a GPU: a TorchTrainer would
+start a controller and worker processes (each importing torch) per trial, which buys nothing
+there. Several workers go through TorchTrainer with DDP (NCCL on GPUs, gloo on CPUs). Both
+paths call the same `engine.fit`; `raylocal.layout` decides which one runs.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import ray
 import torch
 from ray import train, tune
 
-from raylocal.config import Hyperparameters
+from raylocal.config import OBJECTIVE, Hyperparameters
 from raylocal.data import SearchData
 from raylocal.engine import fit
+from raylocal.layout import Layout
 
 CHECKPOINT_FILE = "checkpoint.pt"
-BACKENDS = ("inline", "ray-train")
 
 
 @dataclass(frozen=True)
@@ -31,19 +31,12 @@ class TrialSettings:
     max_epochs: int
     first_epoch_reports: int
     reports_per_epoch: int
-    workers: int
-    cpus_per_worker: int
-    gpus_per_worker: float
-    backend: str
+    layout: Layout
     storage_path: str
     experiment_name: str
     seed: int
     fixed: dict[str, Any]
     max_failures: int = 2
-
-    @property
-    def device_kind(self) -> str:
-        return "cuda" if self.gpus_per_worker > 0 else "cpu"
 
 
 def save_checkpoint_dir(state: dict[str, Any], directory: str) -> None:
@@ -61,15 +54,37 @@ def run_trial(config: dict[str, Any], data: SearchData, settings: TrialSettings)
     """The Tune function trainable: one hyperparameter configuration, trained to the end or until ASHA stops it."""
     # Fixed hyperparameters travel with the settings so that Tune's tables show only searched ones.
     params = Hyperparameters.from_dict(settings.fixed | config)
-    if settings.backend == "inline":
+    if settings.layout.backend == "inline":
         train_inline(params, data, settings)
     else:
         train_distributed(params, data, settings)
 
 
-def gather_workers(world_size: int) -> list[tuple[str, int]]:
-    """(Ray node, process id) of every worker of this trial, so results show where it really ran."""
-    worker = (ray.get_runtime_context().get_node_id(), os.getpid())
+def trial_device(layout: Layout, train_worker: bool = False) -> torch.device:
+    """Where this worker computes. A worker meant for CUDA that finds none fails here, before
+    training: falling back to the CPU would run a GPU search at a hundredth of its speed."""
+    if layout.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "this trial holds GPUs but PyTorch sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+            "pass --device cpu to compute on CPUs, or --gpus-per-worker 0 to take no GPUs"
+        )
+    if train_worker:
+        # Ray Train shows every worker on a node all of that node's GPUs; this picks the worker's own.
+        from ray.train.torch import get_device
+
+        return get_device()
+    # An inline trial sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES to it).
+    return torch.device("cuda", 0)
+
+
+def gather_workers(world_size: int, device: torch.device) -> list[tuple[str, int, str, str]]:
+    """(Ray node, process id, Ray GPU ids, device) of every worker of this trial, so results
+    show where it really ran."""
+    gpu_ids = "+".join(str(gpu) for gpu in ray.get_gpu_ids())
+    worker = (ray.get_runtime_context().get_node_id(), os.getpid(), gpu_ids or "-", str(device))
     if world_size == 1:
         return [worker]
     workers: list[Any] = [None] * world_size
@@ -90,11 +105,13 @@ def fit_this_rank(
 ) -> None:
     """`engine.fit` on this rank's share of the data; `session` is `ray.tune` or `ray.train`,
     whose report/get_checkpoint/Checkpoint have the same shape but are different classes."""
-    torch.set_num_threads(settings.cpus_per_worker)
-    workers = gather_workers(world_size)
+    torch.set_num_threads(settings.layout.cpus_per_worker)
+    workers = gather_workers(world_size, device)
     placement = {
-        "worker_nodes": ",".join(sorted({node for node, _ in workers})),
-        "worker_pids": ",".join(str(pid) for _, pid in workers),
+        "worker_nodes": ",".join(sorted({node for node, *_ in workers})),
+        "worker_pids": ",".join(str(pid) for _, pid, *_ in workers),
+        "worker_gpus": ",".join(gpus for *_, gpus, _ in workers),
+        "worker_devices": ",".join(device for *_, device in workers),
     }
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
@@ -124,23 +141,27 @@ def fit_this_rank(
 
 
 def train_inline(params: Hyperparameters, data: SearchData, settings: TrialSettings) -> None:
-    fit_this_rank(params, data, settings, session=tune, rank=0, world_size=1, device=torch.device(settings.device_kind))
+    fit_this_rank(params, data, settings, session=tune, rank=0, world_size=1, device=trial_device(settings.layout))
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; DDP over the process group Ray Train set up."""
-    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
 
     context = train.get_context()
+    settings = loop_config["settings"]
+    device = trial_device(settings.layout, train_worker=True)
     fit_this_rank(
         Hyperparameters(**loop_config["params"]),
         loop_config["data"],
-        loop_config["settings"],
+        settings,
         session=train,
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
-        device=ray.train.torch.get_device(),
-        wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
+        device=device,
+        # One worker has nothing to all-reduce; DDP's hooks would still add kernels to every step.
+        wrap=(lambda model: DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None))
+        if context.get_world_size() > 1 else (lambda model: model),
     )
 
 
@@ -148,15 +169,14 @@ def train_distributed(params: Hyperparameters, data: SearchData, settings: Trial
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    use_gpu = settings.gpus_per_worker > 0
-    resources = {"CPU": settings.cpus_per_worker} | ({"GPU": settings.gpus_per_worker} if use_gpu else {})
+    layout = settings.layout
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"params": asdict(params), "data": data, "settings": settings},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=layout.dist_backend),
         scaling_config=train.ScalingConfig(
-            num_workers=settings.workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=layout.workers, use_gpu=layout.uses_gpus, resources_per_worker=layout.worker_resources()
         ),
         run_config=train.RunConfig(
             # A stable name per trial lets a restarted trial find its Train run and resume it.
@@ -165,7 +185,7 @@ def train_distributed(params: Hyperparameters, data: SearchData, settings: Trial
             callbacks=[TuneReportCallback()],
             failure_config=train.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_det_iou", checkpoint_score_order="max"
+                num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"
             ),
         ),
     )

@@ -24,8 +24,8 @@ from typing import Any
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Dimension, Experiment, load_experiment  # noqa: E402
+from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU  # noqa: E402
 
-DRIVER_MEMORY = 512 * 1024**2
 SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
 SHOWN_METRICS = {OBJECTIVE: "val det IoU", "val_mean_iou": "val IoU", "val_accuracy": "val acc", "epoch": "epoch"}
 
@@ -41,9 +41,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", type=Path, help="TOML file with search space and budget (see experiments/)")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (>1: DDP)")
     parser.add_argument("--cpus-per-worker", type=int, default=1)
-    parser.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    parser.add_argument("--backend", choices=("auto", "inline", "ray-train"), default="auto",
-                        help="auto: train inside the Tune trial for one CPU worker, else a TorchTrainer")
+    parser.add_argument("--trials-per-gpu", type=int, metavar="K",
+                        help=f"one-worker trials sharing each GPU (default {TRIALS_PER_GPU}; each takes 1/K of a GPU)")
+    parser.add_argument("--gpus-per-worker", type=float,
+                        help="GPUs each worker holds (default: 1/K for one-worker trials, 1 for DDP workers, 0 without GPUs)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: train inside the Tune trial for one worker, a TorchTrainer (DDP) for more")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where workers compute: auto = CUDA when they hold GPUs; cpu even then (Ray's logical GPUs)")
     parser.add_argument("--name", help="experiment name (default: <experiment>-<timestamp>)")
     parser.add_argument("--storage", help="where trials and checkpoints go: local path or URI (default: ./raylocal_results)")
     parser.add_argument("--export-dir", type=Path, help="where the best model goes (default: <storage>/<name>/best_model)")
@@ -70,7 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 MANIFEST = "raylocal_search.json"
 # The flags that define a search; a resumed search takes them from its manifest.
 SEARCH_FLAGS = (
-    "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "backend",
+    "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "trials_per_gpu",
+    "backend", "device",
     "export_dir", "data_dir", "unverified_data", "seed", "smoke_test", "optuna_storage", "mlflow_uri",
 )
 PATH_FLAGS = ("experiment", "export_dir", "data_dir")
@@ -122,7 +128,8 @@ def resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, Experiment]:
         experiment = Experiment.from_description(described)
     except (KeyError, TypeError, ConfigError) as error:
         raise ConfigError(f"{folder / MANIFEST} is damaged: {error!r}") from None
-    merged = vars(args) | {key: saved.get(key) for key in SEARCH_FLAGS}
+    # Flags newer than the manifest take their defaults.
+    merged = vars(args) | {key: saved.get(key, getattr(defaults, key)) for key in SEARCH_FLAGS}
     merged |= {key: Path(merged[key]) for key in PATH_FLAGS if merged[key] is not None}
     merged |= {"name": folder.name, "storage": str(folder.parent)}
     return argparse.Namespace(**merged), experiment
@@ -136,8 +143,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
             trials=2, max_epochs=1, first_epoch_reports=2, reports_per_epoch=2, grace_period=0.5
         )
     experiment = experiment.with_budget(trials=args.trials, max_epochs=args.max_epochs)
-    for flag in ("workers_per_trial", "cpus_per_worker"):
-        if getattr(args, flag) < 1:
+    for flag in ("workers_per_trial", "cpus_per_worker", "trials_per_gpu"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
         raise ConfigError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
@@ -241,36 +248,6 @@ def start_ray(address: str | None, quiet: bool = False, log=print):
     return context
 
 
-def resolve_layout(args: argparse.Namespace, log=print) -> tuple[int, float, str, int]:
-    """(workers, gpus per worker, backend, concurrent trials) from flags and the cluster's resources."""
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
-    gpus_per_worker = args.gpus_per_worker if args.gpus_per_worker is not None else (1.0 if gpus else 0.0)
-    workers = args.workers_per_trial
-    if gpus_per_worker * workers > gpus:
-        raise ConfigError(f"a trial asks for {gpus_per_worker * workers:g} GPUs but the cluster has {gpus:g}")
-    if args.cpus_per_worker * workers > cpus:
-        raise ConfigError(f"a trial asks for {args.cpus_per_worker * workers} CPUs but the cluster has {cpus}")
-    backend = args.backend
-    if backend == "auto":
-        backend = "inline" if workers == 1 and gpus_per_worker == 0 else "ray-train"
-    if backend == "inline" and workers > 1:
-        raise ConfigError("--backend inline trains one worker per trial; use ray-train for --workers-per-trial > 1")
-    concurrent = cpus // (args.cpus_per_worker * workers)
-    if gpus_per_worker:
-        concurrent = min(concurrent, int(gpus // (gpus_per_worker * workers)))
-    log(
-        f"layout: {cpus} CPUs, {gpus:g} GPUs; each trial: {workers} worker(s) x {args.cpus_per_worker} CPU"
-        f"{f' + {gpus_per_worker:g} GPU' if gpus_per_worker else ''}; backend: "
-        + ("inline (training runs inside the Tune trial, no extra processes)" if backend == "inline"
-           else f"Ray Train TorchTrainer, DDP over {'nccl' if gpus_per_worker else 'gloo'}")
-        + f"; up to {concurrent} trials at once"
-    )
-    return workers, gpus_per_worker, backend, max(1, concurrent)
-
-
 def make_sampler(trials: int, seed: int):
     """TPE, informed by the first quarter of the trials (2 to 10) drawn at random; the constant
     liar keeps concurrent trials from all being sampled at the same promising point."""
@@ -301,13 +278,14 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
 
     from raylocal.best import export_best, summary_table
     from raylocal.data import build_search_data
+    from raylocal.layout import cluster_layout
     from raylocal.mnist import load_mnist
     from raylocal.report import write_report
     from raylocal.train import TrialSettings, run_trial
 
     started = time.perf_counter()
     experiment, budget = plan.experiment, plan.experiment.budget
-    workers, gpus_per_worker, backend, concurrent = resolve_layout(args, log)
+    layout = cluster_layout(args, log)
     if args.quiet:
         import ray.data
 
@@ -316,17 +294,12 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
     data = build_search_data(mnist, experiment.data, budget.max_epochs, args.seed, log=log)
     settings = TrialSettings(
         max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
-        reports_per_epoch=budget.reports_per_epoch, workers=workers, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=gpus_per_worker, backend=backend, storage_path=plan.storage,
+        reports_per_epoch=budget.reports_per_epoch, layout=layout, storage_path=plan.storage,
         experiment_name=plan.name, seed=args.seed, fixed=asdict(experiment.fixed),
     )
-    # A trial that drives a TorchTrainer computes nothing itself: it holds no CPU (else the
-    # workers of a trial could never fit on a 2-core machine), only the memory it uses.
-    trial_resources = (
-        {"CPU": args.cpus_per_worker, "GPU": gpus_per_worker} if backend == "inline"
-        else {"CPU": 0, "memory": DRIVER_MEMORY}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data, settings=settings), layout.trial_resources()
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings), trial_resources)
     sampler = make_sampler(budget.trials, args.seed)
     space = tune_space(experiment.space)
     optuna_storage = optuna.storages.RDBStorage(args.optuna_storage) if args.optuna_storage else None
@@ -345,11 +318,11 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
                 grace_period=budget.grace_period, reduction_factor=budget.reduction_factor,
             ),
             num_samples=budget.trials,
-            max_concurrent_trials=concurrent,
+            max_concurrent_trials=layout.concurrent,
             # A fresh trial process costs ~4 s of torch import on a small machine; reuse them.
             # Not for TorchTrainer drivers: their fit() outlives Tune's 2 s reset window, and
             # the next trial on that actor would never start.
-            reuse_actors=backend == "inline",
+            reuse_actors=layout.backend == "inline",
         ),
         run_config=tune.RunConfig(
             name=plan.name,

@@ -28,6 +28,13 @@ CASES = {
     "bench_scaling.py": (["--trials", "2", "--train-digits", "1200", "--depth", "2", "--width", "4", "--layouts", "1,4"],
                          [rf"1 node x 1 CPU, 1 worker/trial +wall +{NUMBER}s", r"DDP across nodes\) .*workers ran on 2 node",
                           rf"ratio 2 nodes x 1 CPU, 2 workers/trial \(DDP across nodes\) / 1 node x 1 CPU, 1 worker/trial: wall {NUMBER}x"]),
+    # The GPU layouts with two of Ray's logical GPUs (computed on the CPU): trials sharing the
+    # GPUs, and DDP with a GPU id of its own per worker.
+    "bench_scaling.py --gpus 2": (["--trials", "2", "--train-digits", "1200", "--depth", "2", "--width", "4", "--gpus", "2",
+                                   "--layouts", "5,6"],
+                                  [r"2 logical GPU\(s\) declared to Ray; trials compute on the CPU",
+                                   r"1 worker/trial \(trials share GPUs\) .*GPUs [01]\)",
+                                   r"2 workers/trial \(DDP, 1 GPU each\) .*GPUs 0\+1\)"]),
     "bench_search.py": (["--trials", "2", "--max-epochs", "1", "--first-epoch-reports", "2", "--train-digits", "1200",
                          "--test-digits", "200"],
                         [rf"plain Optuna, 1 process, \d+ threads: +{NUMBER}s", rf"trials ran {NUMBER} at once",
@@ -35,11 +42,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
-def test_benchmark_runs_and_prints_its_figures(script, tiny_mnist_dir, tmp_path):
-    flags, expected = CASES[script]
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_benchmark_runs_and_prints_its_figures(case, tiny_mnist_dir, tmp_path):
+    flags, expected = CASES[case]
     process = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / script), "--data-dir", str(tiny_mnist_dir), "--unverified-data", *flags],
+        [sys.executable, str(EXPERIMENTS / case.split()[0]), "--data-dir", str(tiny_mnist_dir), "--unverified-data", *flags],
         cwd=tmp_path, capture_output=True, text=True, timeout=400,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]

@@ -1,0 +1,106 @@
+"""On a real GPU (marked `gpu`, skipped where CUDA is absent): fractional-GPU and DDP searches,
+a CUDA-trained checkpoint through the export, and bf16 training that stays finite.
+
+`experiments/gpu_check.sh` runs these with the GPU benchmarks; on machines without CUDA each
+test says why it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raylocal.config import Hyperparameters
+from raylocal.engine import fit
+from raylocal.export import EXPORT_FILES, export_model, load_program, onnx_session
+from raylocal.model import build_model
+from raylocal.synthesis import split_plan, synthesize_shard
+from raylocal.mnist import load_mnist
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to PyTorch here)"),
+]
+CUDA = torch.device("cuda")
+
+
+def search(tmp_path: Path, mnist_dir: Path, *flags: str) -> tuple[str, list[dict]]:
+    """A local smoke search in its own process and Ray instance (which sees the real GPUs):
+    its output and every trial's result rows."""
+    process = subprocess.run(
+        [sys.executable, "-m", "raylocal.tune", "--smoke-test", "--quiet", "--data-dir", str(mnist_dir),
+         "--unverified-data", "--storage", str(tmp_path / "results"), "--name", "gpu", *flags],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    )
+    assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
+    rows = [json.loads(line) for path in (tmp_path / "results" / "gpu").glob("*/result.json")
+            for line in path.read_text().splitlines() if line.strip()]
+    assert sorted(path.name for path in (tmp_path / "results" / "gpu" / "best_model").iterdir()) == sorted(EXPORT_FILES)
+    return process.stdout, rows
+
+
+def test_fractional_gpu_trials_train_on_cuda(tmp_path, tiny_mnist_dir):
+    output, rows = search(tmp_path, tiny_mnist_dir, "--trials", "4", "--trials-per-gpu", "4")
+    assert "+ 0.25 GPU, computing on cuda; backend: inline" in output, output
+    assert rows and {row["worker_devices"] for row in rows} == {"cuda:0"}
+    assert {row["worker_gpus"] for row in rows} <= {str(gpu) for gpu in range(torch.cuda.device_count())}
+    assert len({row["trial_id"] for row in rows}) == 4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a 2-worker NCCL search needs at least 2 GPUs")
+def test_two_worker_ddp_search_on_two_gpus(tmp_path, tiny_mnist_dir):
+    output, rows = search(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2")
+    assert "+ 1 GPU, computing on cuda; backend: Ray Train TorchTrainer, DDP over nccl" in output, output
+    for row in rows:
+        assert len(set(row["worker_gpus"].split(","))) == 2, row
+
+
+def cuda_fit(params: Hyperparameters, mnist_dir: Path, rows: int = 1024) -> tuple[list[dict], dict]:
+    mnist = load_mnist(mnist_dir, verify=False, log=lambda _: None)
+    plan = split_plan(len(mnist.train_images), len(mnist.test_images))
+    data = synthesize_shard(mnist.train_images, mnist.train_labels, plan, seed=0, split="train", epoch=0, shard=0,
+                            shard_size=rows)
+    val = synthesize_shard(mnist.train_images, mnist.train_labels, plan, seed=0, split="val", epoch=0, shard=0,
+                           shard_size=256)
+    reports: list[tuple[dict, dict]] = []
+    fit(params, max_epochs=2, first_epoch_reports=2, reports_per_epoch=1, train_data=lambda epoch: data, val_data=val,
+        train_rows=rows, report=lambda metrics, state: reports.append((metrics, state)), device=CUDA)
+    return [metrics for metrics, _ in reports], reports[-1][1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), reason="GPU without bf16")
+def test_bf16_training_on_cuda_gives_finite_metrics_that_improve(tiny_mnist_dir):
+    reports, state = cuda_fit(Hyperparameters(depth=3, width=8, lr=3e-3), tiny_mnist_dir)
+    for metrics in reports:
+        assert all(math.isfinite(value) for value in metrics.values() if isinstance(value, float)), metrics
+    assert reports[-1]["train_loss"] < reports[0]["train_loss"]
+    assert all(tensor.device.type == "cuda" for tensor in state["model"].values())
+    assert "cuda_rng" in state
+
+
+def test_cuda_checkpoint_exports_and_onnxruntime_on_cpu_matches(tmp_path, tiny_mnist_dir):
+    params = Hyperparameters(depth=3, width=8)
+    _, state = cuda_fit(params, tiny_mnist_dir, rows=512)
+    # As the search's export does: the checkpoint file is read onto the CPU.
+    saved = tmp_path / "checkpoint.pt"
+    torch.save(state, saved)
+    loaded = torch.load(saved, map_location="cpu", weights_only=True)
+    model = build_model(params.model_config())
+    model.load_state_dict(loaded["model"])
+    export_dir = export_model(model.eval(), tmp_path / "export", {"trained_on": "cuda"}, log=lambda _: None)
+    images = torch.rand(5, 1, 75, 75, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = [tensor.numpy() for tensor in model(images)]
+        program = [tensor.numpy() for tensor in load_program(export_dir)(images)]
+    session = onnx_session(export_dir)
+    onnx = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    for expected, pt2, ort in zip(eager, program, onnx):
+        np.testing.assert_allclose(pt2, expected, atol=1e-4)
+        np.testing.assert_allclose(ort, expected, atol=1e-4)
