@@ -27,7 +27,7 @@ import torch
 
 from raylocal.config import OBJECTIVE, Experiment, load_experiment
 from raylocal.engine import fit
-from raylocal.synthesis import split_plan, synthesize_shard
+from raylocal.synthesis import split_plan, synthesize_split
 
 TARGET = 1.10
 
@@ -57,24 +57,15 @@ def experiment_file(args, directory: Path) -> Path:
 def split_columns(mnist, experiment: Experiment, split: str, epoch: int, seed: int) -> dict[str, np.ndarray]:
     images, labels = mnist.train_images[: experiment.data.train_digits], mnist.train_labels[: experiment.data.train_digits]
     plan = split_plan(len(images), experiment.data.test_digits or len(mnist.test_images))
-    size = len(plan.indices(split))
-    columns = synthesize_shard(images, labels, plan, seed=seed, split=split, epoch=epoch, shard=0, shard_size=size)
+    columns = synthesize_split(images, labels, plan, seed=seed, split=split, epoch=epoch)
     return {key: columns[key] for key in ("image", "box", "label")}
-
-
-def suggest(trial, dim):
-    if dim.kind == "int":
-        return trial.suggest_int(dim.name, int(dim.low), int(dim.high))
-    if dim.kind in ("uniform", "loguniform"):
-        return trial.suggest_float(dim.name, dim.low, dim.high, log=dim.kind == "loguniform")
-    return trial.suggest_categorical(dim.name, list(dim.values))
 
 
 def plain_optuna(mnist, experiment: Experiment, seed: int) -> tuple[float, float, int]:
     """(wall seconds, best validation det IoU over every report, trials pruned)."""
     import optuna
 
-    from raylocal.config import Hyperparameters
+    from raylocal.config import Hyperparameters, optuna_space
     from raylocal.tune import make_sampler
 
     started = time.perf_counter()
@@ -88,7 +79,7 @@ def plain_optuna(mnist, experiment: Experiment, seed: int) -> tuple[float, float
 
     def objective(trial) -> float:
         params = Hyperparameters.from_dict(
-            {**experiment.fixed.__dict__, **{dim.name: suggest(trial, dim) for dim in experiment.space}}
+            {**experiment.fixed.__dict__, **trial.params}
         )
         values = []
 
@@ -112,7 +103,14 @@ def plain_optuna(mnist, experiment: Experiment, seed: int) -> tuple[float, float
             min_resource=max(1, round(budget.grace_period * unit)), reduction_factor=budget.reduction_factor
         ),
     )
-    study.optimize(objective, n_trials=budget.trials)
+    # Ask and tell, with the search's own space: the same distributions OptunaSearch samples from.
+    space = optuna_space(experiment.space)
+    for _ in range(budget.trials):
+        trial = study.ask(space)
+        try:
+            study.tell(trial, objective(trial))
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     pruned = sum(trial.state == optuna.trial.TrialState.PRUNED for trial in study.trials)
     return time.perf_counter() - started, best[0], pruned
 

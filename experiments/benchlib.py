@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 
 from raylocal.mnist import Mnist, load_mnist  # noqa: E402
-from raylocal.synthesis import split_plan, synthesize_shard  # noqa: E402
+from raylocal.synthesis import split_plan, synthesize_split  # noqa: E402
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -52,9 +52,7 @@ def load_digits(args: argparse.Namespace, quiet: bool = False) -> Mnist:
 def train_split(mnist: Mnist, rows: int, seed: int) -> dict[str, np.ndarray]:
     """The first `rows` canvases of training epoch 0, as the search would train on them."""
     plan = split_plan(len(mnist.train_images), len(mnist.test_images))
-    columns = synthesize_shard(
-        mnist.train_images, mnist.train_labels, plan, seed=seed, split="train", epoch=0, shard=0, shard_size=rows
-    )
+    columns = synthesize_split(mnist.train_images, mnist.train_labels, plan, seed=seed, split="train", epoch=0, stop=rows)
     return {key: columns[key] for key in ("image", "box", "label")}
 
 

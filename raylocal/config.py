@@ -145,6 +145,21 @@ class Dimension:
                 raise ConfigError(f"{where}: {error}") from None
 
 
+def optuna_space(space: tuple[Dimension, ...]) -> dict[str, Any]:
+    """The one translation of a search space: Optuna distributions, for `OptunaSearch(space=...)`,
+    the plain-Optuna benchmark (`study.ask`) and the report's importance analysis."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    def distribution(dim: Dimension):
+        if dim.kind == "int":
+            return IntDistribution(int(dim.low), int(dim.high))
+        if dim.kind in ("uniform", "loguniform"):
+            return FloatDistribution(float(dim.low), float(dim.high), log=dim.kind == "loguniform")
+        return CategoricalDistribution(list(dim.values))
+
+    return {dim.name: distribution(dim) for dim in space}
+
+
 # The default search; experiments/default.toml spells out the same (a test keeps them equal).
 DEFAULT_SPACE = (
     Dimension("depth", "int", 3, 5),

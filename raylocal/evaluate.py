@@ -2,8 +2,8 @@
 
 Scores an export on the test split and draws what it sees. Only model.pt2 is loaded, so
 what is scored is the shipped artefact, not whatever the model code looks like today. The
-split is rebuilt from the model card's seed and shard size: placement is seeded per shard,
-so the same settings give the same canvases the search scored, whatever the digit count.
+split is rebuilt from the model card's seed: a digit's place depends only on (seed, split,
+epoch, digit index), so the canvases are the search's, and `--limit N` scores its first N.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from raylocal.engine import as_batch
 from raylocal.export import load_program
 from raylocal.metrics import SUM_NAMES, batch_sums, elementwise_iou, summarize
 from raylocal.mnist import IdxFormatError, MnistHashError, MnistNotFoundError, load_mnist
-from raylocal.synthesis import CANVAS, num_shards, split_plan, synthesize_shard
+from raylocal.synthesis import CANVAS, split_plan, synthesize_split
 
 SCALE = 3  # upscaling of drawn canvases, so captions and 2 px box outlines stay readable
 BOX_WIDTH = 2
@@ -112,14 +112,11 @@ def grid(tiles: Sequence[Image.Image]) -> Image.Image:
 
 
 def rebuild_test_split(mnist, seed: int, data: DataSettings, limit: int | None) -> Arrays:
-    count = len(mnist.test_images) if limit is None else min(limit, len(mnist.test_images))
-    plan = split_plan(len(mnist.train_images), count)
-    shards = [
-        synthesize_shard(mnist.test_images, mnist.test_labels, plan, seed=seed, split="test", epoch=0,
-                         shard=shard, shard_size=data.shard_size, tight_boxes=data.tight_boxes)
-        for shard in range(num_shards(plan, "test", data.shard_size))
-    ]
-    return {key: np.concatenate([shard[key] for shard in shards]) for key in ("image", "box", "label")}
+    """The search's test canvases (or the first `limit` of them), built as the search built them."""
+    plan = split_plan(len(mnist.train_images), len(mnist.test_images))
+    split = synthesize_split(mnist.test_images, mnist.test_labels, plan, seed=seed, split="test", epoch=0, stop=limit,
+                             tight_boxes=data.tight_boxes)
+    return {key: split[key] for key in ("image", "box", "label")}
 
 
 def score(program: torch.nn.Module, split: Arrays, batch_size: int) -> tuple[torch.Tensor, Arrays]:
@@ -162,7 +159,7 @@ def metrics_table(metrics: dict[str, float], reference: dict[str, float]) -> str
 def read_card(export_dir: Path, log) -> dict:
     path = export_dir / "model_card.json"
     if not path.exists():
-        log(f"WARNING: no {path}: default seed and shard size; the split may differ from the search's")
+        log(f"WARNING: no {path}: default seed; the split may differ from the search's")
         return {}
     try:
         return json.loads(path.read_text())
@@ -174,12 +171,12 @@ def main(args: argparse.Namespace, log=print) -> dict:
     program = load_export(args.export_dir)
     card = read_card(args.export_dir, log)
     searched = card.get("search", {}).get("settings", {}).get("data", {})
-    data = DataSettings(**{key: searched[key] for key in ("shard_size", "tight_boxes") if key in searched})
+    data = DataSettings(**{key: searched[key] for key in ("tight_boxes",) if key in searched})
     seed = args.seed if args.seed is not None else card.get("data", {}).get("seed", 0)
     mnist = load_mnist(args.data_dir, verify=not args.unverified_data, log=log)
     split = rebuild_test_split(mnist, seed, data, args.limit)
     count = len(split["label"])
-    log(f"data: {count:,} test canvases, seed {seed}, shard size {data.shard_size}, "
+    log(f"data: {count:,} test canvases, seed {seed}, "
         f"{'tight ink' if data.tight_boxes else '28x28 frame'} boxes")
     started = time.perf_counter()
     sums, outputs = score(program, split, args.batch_size)
@@ -194,7 +191,7 @@ def main(args: argparse.Namespace, log=print) -> dict:
     result = {
         "export_dir": str(args.export_dir.absolute()), "canvases": count, "metrics": metrics,
         "data": {"source": mnist.source, "verified": mnist.verified, "seed": seed,
-                 "shard_size": data.shard_size, "tight_boxes": data.tight_boxes},
+                 "tight_boxes": data.tight_boxes},
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     shown = COLUMNS * ROWS

@@ -98,6 +98,18 @@ def log_scale(values: list[Any]) -> bool:
     return bool(values) and all(finite(v) for v in values) and min(values) > 0 and max(values) / min(values) > 20
 
 
+def searched_space(experiment_dir: Path) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The search's own space, from the manifest raylocal writes beside its trials; {} for a
+    folder without one (a plain Tune search), whose space is then guessed from the values seen."""
+    from raylocal.config import Experiment, optuna_space
+    from raylocal.tune import MANIFEST
+
+    path = experiment_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    return optuna_space(Experiment.from_description(json.loads(path.read_text())["experiment"]).space)
+
+
 def scatter_by_reason(axes, points: list[tuple[Any, float, str]]) -> None:
     for reason, color in COLORS.items():
         chosen = [(x, y) for x, y, why in points if why == reason]
@@ -122,7 +134,7 @@ def plot_best_so_far(records: list[dict[str, Any]]) -> Figure:
     return figure
 
 
-def plot_params(records: list[dict[str, Any]], names: list[str]) -> Figure:
+def plot_params(records: list[dict[str, Any]], names: list[str], space: dict[str, Any]) -> Figure:
     columns = math.ceil(math.sqrt(len(names)))
     rows = math.ceil(len(names) / columns)
     figure = Figure(figsize=(4.5 * columns, 3.6 * rows), dpi=100, layout="constrained")
@@ -135,7 +147,7 @@ def plot_params(records: list[dict[str, Any]], names: list[str]) -> Figure:
             categories = sorted({str(v) for v in values})
             values = [categories.index(str(v)) for v in values]
             axes.set_xticks(range(len(categories)), categories)
-        elif log_scale(values):
+        elif getattr(space.get(name), "log", None) or (name not in space and log_scale(values)):
             axes.set_xscale("log")
         elif all(isinstance(v, int) for v in values):
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -155,7 +167,7 @@ def distribution(values: list[Any]) -> optuna.distributions.BaseDistribution:
     return kind(min(values), max(values), log=log_scale(values))
 
 
-def importances(records: list[dict[str, Any]], names: list[str]) -> tuple[dict[str, float], str]:
+def importances(records: list[dict[str, Any]], names: list[str], space: dict[str, Any]) -> tuple[dict[str, float], str]:
     """(importance per hyperparameter, why none when empty). Every trial that reported counts
     with its best score, ASHA-stopped ones too: being stopped early is part of what a value does."""
     scored = [r for r in records if finite(r[BEST])]
@@ -163,7 +175,7 @@ def importances(records: list[dict[str, Any]], names: list[str]) -> tuple[dict[s
     if len(scored) < 2 or not varying or len({r[BEST] for r in scored}) < 2:
         return {}, (f"needs at least 2 trials that reported {OBJECTIVE}, with different scores and "
                     f"hyperparameters; this search has {len(scored)} and varies {varying or 'none'}")
-    distributions = {n: distribution([r[n] for r in scored if r[n] is not None]) for n in varying}
+    distributions = {n: space.get(n) or distribution([r[n] for r in scored if r[n] is not None]) for n in varying}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # create_study announces itself at INFO
     try:
@@ -247,6 +259,7 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None, 
     card_path = experiment_dir / "best_model" / "model_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     trials, names = load_trials(experiment_dir, card)
+    space = searched_space(experiment_dir)
     trials.sort(key=lambda t: -t["record"][BEST] if finite(t["record"][BEST]) else math.inf)
     records = [trial["record"] for trial in trials]
     out.mkdir(parents=True, exist_ok=True)
@@ -261,10 +274,10 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None, 
     wrote("trials.csv")
     figures, skipped = {"best_so_far.png": plot_best_so_far(sorted(records, key=lambda r: r["trial"]))}, {}
     if names:
-        figures["params.png"] = plot_params(records, names)
+        figures["params.png"] = plot_params(records, names, space)
     else:
         skipped["params.png"] = "the search varied no hyperparameter"
-    values, why = importances(records, names)
+    values, why = importances(records, names, space)
     if values:
         figures["importance.png"] = plot_importance(values, sum(finite(r[BEST]) for r in records))
     else:

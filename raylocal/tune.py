@@ -23,7 +23,7 @@ from typing import Any
 # The legacy CLIReporter is the one that can be told which columns matter.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Dimension, Experiment, load_experiment  # noqa: E402
+from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Experiment, load_experiment, optuna_space  # noqa: E402
 from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU  # noqa: E402
 
 SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
@@ -172,21 +172,6 @@ def check_destinations(plan: Plan) -> None:
             raise ConfigError(f"cannot write to {folder}: {error}") from None
 
 
-def tune_space(space: tuple[Dimension, ...]) -> dict[str, Any]:
-    from ray import tune
-
-    def domain(dim: Dimension):
-        if dim.kind == "int":
-            return tune.randint(int(dim.low), int(dim.high) + 1)
-        if dim.kind == "loguniform":
-            return tune.loguniform(dim.low, dim.high)
-        if dim.kind == "uniform":
-            return tune.uniform(dim.low, dim.high)
-        return tune.choice(list(dim.values))
-
-    return {dim.name: domain(dim) for dim in space}
-
-
 def check_reachable(address: str) -> None:
     """A HOST:PORT that nothing listens on fails here in seconds; ray.init would retry for minutes."""
     if address == "auto" or "://" in address:
@@ -301,17 +286,18 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
         tune.with_parameters(run_trial, data=data, settings=settings), layout.trial_resources()
     )
     sampler = make_sampler(budget.trials, args.seed)
-    space = tune_space(experiment.space)
+    space = optuna_space(experiment.space)
     optuna_storage = optuna.storages.RDBStorage(args.optuna_storage) if args.optuna_storage else None
     tuner = tune.Tuner.restore(
-        plan.experiment_dir, trainable, param_space=space, resume_unfinished=True, resume_errored=True
+        plan.experiment_dir, trainable, resume_unfinished=True, resume_errored=True
     ) if plan.resume else tune.Tuner(
         trainable,
-        param_space=space,
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE,
             mode="max",
-            search_alg=OptunaSearch(sampler=sampler, study_name=plan.name, storage=optuna_storage) if space else None,
+            search_alg=OptunaSearch(
+                space=space, metric=OBJECTIVE, mode="max", sampler=sampler, study_name=plan.name, storage=optuna_storage
+            ) if space else None,
             scheduler=ASHAScheduler(
                 # In epochs, not reports: reports are denser in the first epoch than later.
                 time_attr="epoch", max_t=budget.max_epochs,

@@ -268,3 +268,18 @@ def test_a_file_without_space_searches_the_default_space_less_what_it_fixes():
 
 def test_an_empty_space_table_means_no_search():
     assert parse_experiment({"space": {}}, "x").space == ()
+
+
+def test_one_translation_of_the_space_into_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from raylocal.config import optuna_space
+
+    space = optuna_space((
+        Dimension("depth", "int", 3, 5), Dimension("lr", "loguniform", 5e-4, 1e-2),
+        Dimension("dropout", "uniform", 0.0, 0.5), Dimension("width", "choice", values=(8, 16)),
+    ))
+    assert space["depth"] == IntDistribution(3, 5)
+    assert space["lr"] == FloatDistribution(5e-4, 1e-2, log=True)
+    assert space["dropout"] == FloatDistribution(0.0, 0.5)
+    assert space["width"] == CategoricalDistribution([8, 16])

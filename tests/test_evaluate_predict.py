@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from raylocal import evaluate, predict
-from raylocal.config import ModelConfig
+from raylocal.config import DataSettings, ModelConfig
 from raylocal.export import export_model, load_program
 from raylocal.mnist import load_mnist
 from raylocal.model import build_model
@@ -43,7 +43,7 @@ def evaluated(export_dir, tiny_mnist_dir, tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def recomputed(export_dir, tiny_mnist_dir) -> SimpleNamespace:
-    """The test split built as the search builds it (shards of 100, seed 0) and the program's outputs on it."""
+    """The test split built as the search's data workers build it (shards of 100, seed 0) and the program's outputs on it."""
     mnist = load_mnist(tiny_mnist_dir, verify=False, log=lambda line: None)
     plan = split_plan(len(mnist.train_images), len(mnist.test_images))
     shards = [
@@ -73,7 +73,7 @@ def test_metrics_are_ratios_equal_to_a_direct_recomputation(evaluated, recompute
     assert metrics == pytest.approx({key: float(value) for key, value in expected.items()}, abs=1e-6)
     assert result["canvases"] == 200
     data = result["data"]
-    assert (data["seed"], data["shard_size"], data["tight_boxes"], data["verified"]) == (0, 100, False, False)
+    assert (data["seed"], data["tight_boxes"], data["verified"]) == (0, False, False)
 
 
 def test_evaluation_is_deterministic(evaluated):
@@ -184,3 +184,10 @@ def test_unreadable_image_exits_2_naming_it_before_any_output(export_dir, tmp_pa
     captured = capsys.readouterr()
     assert captured.out == ""
     assert str(bad) in captured.err and "Traceback" not in captured.err
+
+
+def test_limit_rebuilds_the_first_canvases_the_search_scored(recomputed, tiny_mnist_dir):
+    mnist = load_mnist(tiny_mnist_dir, verify=False, log=lambda line: None)
+    limited = evaluate.rebuild_test_split(mnist, 0, DataSettings(), limit=37)
+    for key, column in limited.items():
+        assert column.tobytes() == recomputed.split[key][:37].tobytes(), key

@@ -106,9 +106,24 @@ def test_importance_covers_the_varied_hyperparameters():
     records = [{"best_val_det_iou": score, "lr": lr, "depth": depth, "box_loss": loss}
                for score, lr, depth, loss in [(0.8, 1e-3, 4, "giou"), (0.3, 5e-2, 3, "smooth_l1"),
                                               (0.6, 3e-3, 5, "giou"), (0.2, 1e-4, 3, "smooth_l1")]]
-    values, why = importances(records, ["lr", "depth", "box_loss"])
+    values, why = importances(records, ["lr", "depth", "box_loss"], {})
     assert why == "" and set(values) == {"lr", "depth", "box_loss"}
     assert sum(values.values()) == pytest.approx(1.0)
+
+
+def test_the_report_reads_the_searched_space_from_the_manifest(tmp_path):
+    """A real search keeps its space beside its trials; the report uses it instead of guessing
+    (here lr spans less than 20x, which the guess would draw on a linear scale)."""
+    from raylocal.config import Dimension, Experiment
+    from raylocal.report import searched_space
+    from raylocal.tune import MANIFEST
+
+    space = (Dimension("lr", "loguniform", 1e-4, 1e-2), Dimension("depth", "int", 3, 5))
+    (tmp_path / MANIFEST).write_text(json.dumps({"flags": {}, "experiment": Experiment(space=space).describe()}))
+    found = searched_space(tmp_path)
+    assert found["lr"].log and (found["lr"].low, found["lr"].high) == (1e-4, 1e-2)
+    assert (found["depth"].low, found["depth"].high) == (3, 5)
+    assert searched_space(tmp_path / "elsewhere") == {}
 
 
 def test_one_trial_gives_a_report_without_importance(tmp_path):

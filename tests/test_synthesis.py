@@ -11,10 +11,11 @@ from raylocal.synthesis import (
     ink_extent,
     num_shards,
     paste,
-    shard_rng,
+    placement,
     split_plan,
     synthesize,
     synthesize_shard,
+    synthesize_split,
 )
 
 SEED = 7
@@ -141,15 +142,55 @@ def test_shard_columns_match_their_source_digits(source):
         {"split": "val"},
         {"split": "test"},
         {"epoch": 1},
-        {"shard": 1},
     ],
     ids=lambda changed: next(iter(changed)) + "=" + str(next(iter(changed.values()))),
 )
-def test_shard_rng_depends_on_every_coordinate(changed):
-    base = {"seed": SEED, "split": "train", "epoch": 0, "shard": 0}
-    draw = shard_rng(**base).integers(0, 2**32, 8)
-    assert not np.array_equal(draw, shard_rng(**(base | changed)).integers(0, 2**32, 8))
-    np.testing.assert_array_equal(draw, shard_rng(**base).integers(0, 2**32, 8))
+def test_placement_depends_on_every_coordinate(changed):
+    base = {"seed": SEED, "split": "train", "epoch": 0, "digits": np.arange(8)}
+    xs, ys = placement(**base)
+    moved = placement(**(base | changed))
+    assert not (np.array_equal(xs, moved[0]) and np.array_equal(ys, moved[1]))
+    again = placement(**base)
+    np.testing.assert_array_equal(xs, again[0])
+    np.testing.assert_array_equal(ys, again[1])
+
+
+def test_a_digit_lands_in_the_same_place_whatever_else_is_placed():
+    xs, ys = placement(SEED, "train", 3, np.arange(1000))
+    some = np.array([999, 5, 17])
+    alone = placement(SEED, "train", 3, some)
+    np.testing.assert_array_equal(alone[0], xs[some])
+    np.testing.assert_array_equal(alone[1], ys[some])
+
+
+def test_placement_is_uniform_over_every_position_and_x_and_y_independent():
+    xs, ys = placement(SEED, "train", 0, np.arange(48 * 48 * 20))
+    for axis in (xs, ys):
+        counts = np.bincount(axis, minlength=POSITIONS)
+        assert len(counts) == POSITIONS and counts.min() > 0.7 * counts.mean() and counts.max() < 1.3 * counts.mean()
+    assert abs(np.corrcoef(xs, ys)[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+@pytest.mark.parametrize("shard_size", [1, 7, 50, 1000])
+def test_the_first_canvases_are_the_same_for_any_shard_size(source, split, shard_size):
+    images, labels, plan = source
+    whole = synthesize_split(images, labels, plan, seed=SEED, split=split, epoch=1)
+    count = num_shards(plan, split, shard_size)
+    shards = [synthesize_shard(images, labels, plan, seed=SEED, split=split, epoch=1, shard=i, shard_size=shard_size)
+              for i in range(count)]
+    for key in whole:
+        assert np.concatenate([part[key] for part in shards]).tobytes() == whole[key].tobytes()
+
+
+def test_a_limited_test_split_is_the_start_of_the_full_one(source):
+    """`raylocal.evaluate --limit N` builds a test split of N digits: its canvases are the search's first N."""
+    images, labels, plan = source
+    full = synthesize_split(images, labels, plan, seed=SEED, split="test", epoch=0)
+    limited_plan = split_plan(180, 13)
+    limited = synthesize_split(images, labels, limited_plan, seed=SEED, split="test", epoch=0)
+    for key in full:
+        assert limited[key].tobytes() == full[key][:13].tobytes()
 
 
 def test_positions_are_uniform_integers_reaching_both_edges():
