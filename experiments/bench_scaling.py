@@ -18,7 +18,6 @@ not computed on (the search then runs with `--device cpu`, said in the output).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import benchlib
 
+from raylocal.results import all_reports, read_search
 from raylocal.synthesis import split_plan
 
 
@@ -69,9 +69,7 @@ def run_layout(args, nodes: list[dict], workers: int, experiment: Path, out: Pat
         started = time.perf_counter()
         summary = tune.main(tune.get_args_parser().parse_args(argv))
         wall = time.perf_counter() - started
-    rows = []
-    for results in (out / "scaling").glob("*/result.json"):
-        rows += [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = all_reports(read_search(out / "scaling")).to_dict("records")
     ends = [row["timestamp"] for row in rows]
     starts = [row["timestamp"] - row["time_total_s"] for row in rows]
     trained = summary["data"]["train_canvases_per_epoch"] * args.epochs * args.trials

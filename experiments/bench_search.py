@@ -14,7 +14,6 @@ each found, and how many trials raylocal really ran at once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -116,13 +115,11 @@ def plain_optuna(mnist, experiment: Experiment, seed: int) -> tuple[float, float
 
 
 def trial_intervals(experiment_dir: Path) -> list[tuple[float, float]]:
-    """(start, end) wall-clock seconds of every trial, from Tune's result.json files."""
-    intervals = []
-    for results in experiment_dir.glob("*/result.json"):
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        if rows:
-            intervals.append((rows[-1]["timestamp"] - rows[-1]["time_total_s"], rows[-1]["timestamp"]))
-    return intervals
+    """(start, end) wall-clock seconds of every trial that reported (`raylocal.results`)."""
+    from raylocal.results import read_search
+
+    return [(trial.last["timestamp"] - trial.last["time_total_s"], trial.last["timestamp"])
+            for trial in read_search(experiment_dir) if len(trial.history)]
 
 
 def raylocal_search(args, experiment_path: Path, out: Path) -> tuple[float, dict]:

@@ -8,14 +8,11 @@ import os
 import platform
 import time
 
-# Ray listens on loopback only, as `raylocal.tune` does; must be set before Ray is imported.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from raylocal.mnist import Mnist, load_mnist  # noqa: E402
-from raylocal.synthesis import split_plan, synthesize_split  # noqa: E402
+from raylocal import cluster
+from raylocal.mnist import Mnist, load_mnist
+from raylocal.synthesis import split_plan, synthesize_split
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -56,52 +53,20 @@ def train_split(mnist: Mnist, rows: int, seed: int) -> dict[str, np.ndarray]:
     return {key: columns[key] for key in ("image", "box", "label")}
 
 
-@contextlib.contextmanager
 def local_cluster(nodes: list[dict]):
     """A Ray cluster of `nodes` (keyword arguments of `ray.cluster_utils.Cluster.add_node`) on this
-    machine, its GCS address pinned for every process as `raylocal.tune` pins its own."""
-    from ray.cluster_utils import Cluster
-
-    from raylocal.tune import free_port, pin_local_address
-
-    pinned = pin_local_address()
-    object_store = 512 * 1024**2
-    cluster = Cluster(
-        initialize_head=True,
-        # A cluster's head takes dashboard port 8265 or fails; another instance may hold it.
-        head_node_args=nodes[0] | {"object_store_memory": object_store, "include_dashboard": True,
-                                   "dashboard_host": "127.0.0.1", "dashboard_port": free_port()},
-    )
-    os.environ.pop("RAY_GCS_SERVER_PORT")
-    try:
-        if cluster.address != pinned:
-            raise RuntimeError(f"the cluster started at {cluster.address}, not at {pinned} as asked")
-        for node in nodes[1:]:
-            cluster.add_node(**node, object_store_memory=object_store)
-        yield cluster
-    finally:
-        cluster.shutdown()
+    machine, started as `raylocal.tune` starts its own instance (`raylocal.cluster`)."""
+    return cluster.local_cluster(nodes)
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int, dashboard: bool = True, gpus: int = 0):
-    """One local Ray instance with `num_cpus` CPUs (and `gpus` GPUs), pinned the way `raylocal.tune` pins its own."""
-    import ray
-
-    from raylocal.tune import pin_local_address
-
-    pin_local_address()
+def local_ray(num_cpus: int, gpus: int = 0):
+    """One local Ray instance with `num_cpus` CPUs (and `gpus` GPUs), started as `raylocal.tune` starts its own."""
     started = time.perf_counter()
-    ray.init(
-        address="local", num_cpus=num_cpus, num_gpus=gpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-        log_to_driver=False, configure_logging=False,
-    )
-    os.environ.pop("RAY_GCS_SERVER_PORT")
-    print(f"# ray.init with {num_cpus} CPUs took {time.perf_counter() - started:.1f}s")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with cluster.local_instance(quiet=True, log=lambda line: None, num_cpus=num_cpus, num_gpus=gpus,
+                                configure_logging=False) as context:
+        print(f"# ray.init with {num_cpus} CPUs took {time.perf_counter() - started:.1f}s")
+        yield context
 
 
 def ratio_line(name: str, value: float, target: float, higher_is_better: bool = True) -> str:

@@ -27,9 +27,11 @@ def search_rows(out: Path) -> tuple[dict, list[dict]]:
     folder = out / "results" / "gpu-check"
     card_path = folder / "best_model" / "model_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    rows = [json.loads(line) for path in folder.glob("*/result.json")
-            for line in path.read_text().splitlines() if line.strip()]
-    return card, rows
+    if not (folder / "best_model").is_dir():
+        return card, []
+    from raylocal.results import all_reports, read_search
+
+    return card, all_reports(read_search(folder)).to_dict("records")
 
 
 def search_throughput(card: dict, rows: list[dict]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from raylocal.engine import evaluate, to_tensors
 from raylocal.export import export_model
 from raylocal.metrics import summarize
 from raylocal.model import build_model
-from raylocal.train import CHECKPOINT_FILE, TrialSettings
+from raylocal.train import TrialSettings, load_checkpoint_state
 
 TASK = "localize one MNIST digit pasted at a random position on a black 75x75 canvas"
 
@@ -36,8 +35,7 @@ def best_checkpoint(result) -> tuple[Any, dict[str, Any]]:
 
 
 def load_model(checkpoint):
-    with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state = load_checkpoint_state(checkpoint)
     params = Hyperparameters(**state["hyperparameters"])
     model = build_model(params.model_config())
     model.load_state_dict(state["model"])

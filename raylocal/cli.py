@@ -7,6 +7,10 @@ import sys
 from collections.abc import Callable
 
 
+class UsageError(RuntimeError):
+    """A file named on the command line is missing or unreadable."""
+
+
 def run(
     parser: argparse.ArgumentParser,
     main: Callable[[argparse.Namespace], object],

@@ -7,6 +7,7 @@ and sets the budget. Every unknown key or out-of-range value is an error naming 
 from __future__ import annotations
 
 import tomllib
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -35,23 +36,20 @@ def coerce(where: str, value: Any, kind: type) -> Any:
     return cast
 
 
-# Fields whose default is None but whose values are whole numbers.
-INT_OR_NONE = {"train_digits", "test_digits"}
+def field_type(cls: type, name: str) -> type:
+    """The type a field is annotated with; `X | None` gives X."""
+    hint = typing.get_type_hints(cls)[name]
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] or [hint]
+    return kinds[0]
 
 
 def checked(cls: type, where: str, values: dict[str, Any]):
     """Build dataclass `cls` from a table, naming `where.key` for unknown keys and wrong types."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) {[f'{where}.{u}' for u in unknown]}; allowed: {sorted(known)}")
-    defaults = cls()
-    cast = {}
-    for name, value in values.items():
-        default = getattr(defaults, name)
-        kind = int if name in INT_OR_NONE else type(default)
-        cast[name] = coerce(f"{where}.{name}", value, kind)
-    return cls(**cast)
+    return cls(**{name: coerce(f"{where}.{name}", value, field_type(cls, name)) for name, value in values.items()})
 
 
 @dataclass(frozen=True)
@@ -77,13 +75,11 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class Hyperparameters:
-    """Everything one trial needs to build and train its model."""
+class Hyperparameters(ModelConfig):
+    """Everything one trial needs to build and train its model: the model's own fields (one
+    definition, in ModelConfig) and the training ones. Flat, as Tune's configs, the experiment
+    files' [fixed] tables and the model card spell them."""
 
-    depth: int = 4
-    width: int = 16
-    head_width: int = 128
-    dropout: float = 0.1
     lr: float = 3e-3
     weight_decay: float = 1e-4
     batch_size: int = 128
@@ -91,6 +87,7 @@ class Hyperparameters:
     box_loss: str = "smooth_l1"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = {
             "lr": 0 < self.lr <= 1,
             "weight_decay": 0 <= self.weight_decay < 1,
@@ -101,10 +98,9 @@ class Hyperparameters:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"hyperparameter {key}={getattr(self, key)!r} is out of range")
-        self.model_config()
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(depth=self.depth, width=self.width, head_width=self.head_width, dropout=self.dropout)
+        return ModelConfig(**{field.name: getattr(self, field.name) for field in fields(ModelConfig)})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "hyperparameter") -> Hyperparameters:
@@ -224,7 +220,11 @@ class Experiment:
         try:
             return replace(self, budget=replace(self.budget, **{k: v for k, v in changes.items() if v is not None}))
         except ConfigError as error:
-            raise ConfigError(str(error).replace("budget.", "--").replace("_", "-")) from None
+            # Named as the flags that set them: budget.max_epochs is --max-epochs.
+            message = str(error)
+            for key in changes:
+                message = message.replace(f"budget.{key}", f"--{key.replace('_', '-')}")
+            raise ConfigError(message) from None
 
     def with_data(self, **changes: Any) -> Experiment:
         return replace(self, data=replace(self.data, **changes))

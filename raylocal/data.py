@@ -78,8 +78,8 @@ def build_search_data(mnist: Mnist, settings: DataSettings, epochs: int, seed: i
     ]
     arrays_ref = ray.put({"train": (train_images, train_labels), "test": (test_images, test_labels)})
     # Tasks, not an actor pool: tasks run in Ray's already started worker processes, while a
-    # pool starts processes of its own for every dataset (measured: 0.6-0.8 s against 2.0 s for
-    # the 70k canvases of one epoch, experiments/bench_synthesis.py).
+    # pool starts processes of its own for every dataset (measured: 0.6-0.9 s warm against 2.0 s for
+    # the 70k canvases of one epoch, experiments/bench_synthesis.py and RESULTS.md).
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         synthesize_shards,
         fn_kwargs={

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raylocal.config import Hyperparameters
-from raylocal.metrics import SUM_NAMES, batch_sums, localization_loss, summarize
+from raylocal.metrics import SUM_NAMES, batch_sums, localization_loss, score_batches, summarize
 from raylocal.model import build_model
 
 Arrays = dict[str, np.ndarray]
@@ -85,8 +85,8 @@ def train_steps(model, optimizer, scheduler, data, params: Hyperparameters, devi
         loss.backward()
         optimizer.step()
         scheduler.step()
-        # Metrics once per call, not per step: per step they were ~20 more small kernels
-        # between every two optimizer steps, which on a GPU cost more than the step.
+        # Metrics once per call, not per step: per step, their small operations (argmax, IoU,
+        # nine sums) ran between every two optimizer steps of a GPU loop bound by launches.
         losses.append(loss.detach())
         outputs.append((logits.detach(), pred_boxes.detach()))
     if not outputs:
@@ -100,17 +100,18 @@ def train_steps(model, optimizer, scheduler, data, params: Hyperparameters, devi
 @torch.no_grad()
 def evaluate(model: nn.Module, data, params: Hyperparameters, device, batch_size: int | None = None) -> torch.Tensor:
     """Loss and metric sums over `data`; evaluate the unwrapped module so no collective runs per batch."""
-    images, boxes, labels = data
-    batch_size = batch_size or EVAL_BATCH.get(device.type, EVAL_BATCH["cpu"])
     model.eval()
-    sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=device)
-    for start in range(0, len(labels), batch_size):
-        batch = slice(start, start + batch_size)
+
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(device):
-            logits, pred_boxes = model(as_batch(images[batch]))
-        logits, pred_boxes = logits.float(), pred_boxes.float()
-        loss = localization_loss(logits, pred_boxes, labels[batch], boxes[batch], params.box_loss_weight, params.box_loss)
-        sums += batch_sums(loss, logits, pred_boxes, labels[batch], boxes[batch])
+            logits, boxes = model(as_batch(images))
+        return logits.float(), boxes.float()
+
+    def loss(logits, boxes, labels, target) -> torch.Tensor:
+        return localization_loss(logits, boxes, labels, target, params.box_loss_weight, params.box_loss)
+
+    sums, _ = score_batches(forward, *data, batch_size=batch_size or EVAL_BATCH.get(device.type, EVAL_BATCH["cpu"]),
+                            loss=loss)
     return sums
 
 
@@ -177,16 +178,7 @@ def fit(
         )
     optimizer, scheduler = make_optimizer(model, params, steps_per_epoch, max_epochs)
     schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
-    first_report = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        first_report = resume["report"]
-        # Dropout draws from the global generator; restoring it makes a resumed run exact.
-        torch.set_rng_state(resume["rng"])
-        if device.type == "cuda" and "cuda_rng" in resume:
-            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+    first_report = restore(resume, model, optimizer, scheduler, device) if resume is not None else 0
     model = wrap(model)
     val = to_tensors(val_data, device)
     epoch_data, loaded_epoch = None, None
@@ -197,28 +189,44 @@ def fit(
             epoch_data, loaded_epoch = to_tensors(train_data(epoch), device), epoch
         rows = slice(part * steps_per_epoch // parts * params.batch_size,
                      (part + 1) * steps_per_epoch // parts * params.batch_size)
-        chunk = tuple(column[rows] for column in epoch_data)
-        training = time.perf_counter()
-        with cudnn_autotune(device):
-            train_sums = all_reduce(train_steps(model, optimizer, scheduler, chunk, params, device))
-        trained = train_sums[0].item()  # waits for the GPU, so the time below is the real one
-        train_seconds = time.perf_counter() - training
-        val_sums = all_reduce(evaluate(unwrap(model), val, params, device))
-        progress = epoch + (part + 1) / parts
-        metrics = summarize(train_sums, "train") | summarize(val_sums, "val")
-        metrics |= {
-            "epoch": progress,
-            "train_images_per_s": trained / train_seconds,
-            "report_seconds": time.perf_counter() - started,
-        }
-        state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "report": index + 1,
-            "rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-            "epoch": progress,
-            "hyperparameters": asdict(params),
-        }
-        report(metrics, state)
+        metrics = train_and_score(model, optimizer, scheduler, tuple(column[rows] for column in epoch_data), val,
+                                  params, device)
+        metrics |= {"epoch": epoch + (part + 1) / parts, "report_seconds": time.perf_counter() - started}
+        report(metrics, checkpoint_state(model, optimizer, scheduler, params, device, index + 1, metrics["epoch"]))
+
+
+def restore(resume: dict[str, Any], model, optimizer, scheduler, device: torch.device) -> int:
+    """Load a checkpoint state written by `checkpoint_state`; returns the report to continue with."""
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    # Dropout draws from the global generator; restoring it makes a resumed run exact.
+    torch.set_rng_state(resume["rng"])
+    if device.type == "cuda" and "cuda_rng" in resume:
+        torch.cuda.set_rng_state(resume["cuda_rng"], device)
+    return resume["report"]
+
+
+def train_and_score(model, optimizer, scheduler, chunk, val, params: Hyperparameters, device) -> dict[str, float]:
+    """Train on `chunk`, then score `val`: the metrics of one report, summed over all workers."""
+    started = time.perf_counter()
+    with cudnn_autotune(device):
+        train_sums = all_reduce(train_steps(model, optimizer, scheduler, chunk, params, device))
+    trained = train_sums[0].item()  # waits for the GPU, so the time below is the real one
+    train_seconds = time.perf_counter() - started
+    val_sums = all_reduce(evaluate(unwrap(model), val, params, device))
+    return summarize(train_sums, "train") | summarize(val_sums, "val") | {"train_images_per_s": trained / train_seconds}
+
+
+def checkpoint_state(model, optimizer, scheduler, params: Hyperparameters, device, report: int, epoch: float) -> dict:
+    """Everything a resumed run needs to continue exactly after report number `report`."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "report": report,
+        "rng": torch.get_rng_state(),
+        **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+        "epoch": epoch,
+        "hyperparameters": asdict(params),
+    }

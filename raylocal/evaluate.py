@@ -12,37 +12,22 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import draw_bounding_boxes
+from PIL import Image
 
-from raylocal.cli import run
+from raylocal.cli import UsageError, run
 from raylocal.config import DataSettings
-from raylocal.engine import as_batch
-from raylocal.export import load_program
-from raylocal.metrics import SUM_NAMES, batch_sums, elementwise_iou, summarize
+from raylocal.drawing import COLUMNS, PRED_COLOR, ROWS, TRUE_COLOR, draw_tile, grid
+from raylocal.export import ExportError, load_export, run_program
+from raylocal.metrics import score_batches, summarize
 from raylocal.mnist import IdxFormatError, MnistHashError, MnistNotFoundError, load_mnist
-from raylocal.synthesis import CANVAS, split_plan, synthesize_split
+from raylocal.synthesis import split_plan, synthesize_split
 
-SCALE = 3  # upscaling of drawn canvases, so captions and 2 px box outlines stay readable
-BOX_WIDTH = 2
-CAPTION_HEIGHT = 36
-PAD = 4
-COLUMNS, ROWS = 8, 4
-TRUE_COLOR, PRED_COLOR = "lime", "red"
 Arrays = dict[str, np.ndarray]
-FONT = ImageFont.load_default(size=13)
-
-
-class UsageError(RuntimeError):
-    """A file named on the command line is missing or unreadable."""
-
-
-USER_ERRORS = (UsageError, IdxFormatError, MnistHashError, MnistNotFoundError)
+USER_ERRORS = (UsageError, ExportError, IdxFormatError, MnistHashError, MnistNotFoundError)
 
 
 def positive_int(text: str) -> int:
@@ -71,46 +56,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_export(export_dir: Path) -> torch.nn.Module:
-    path = export_dir / "model.pt2"
-    if not path.is_file():
-        raise UsageError(f"{export_dir} is not an export: it has no model.pt2")
-    try:
-        return load_program(export_dir)
-    except Exception as error:  # torch raises many kinds for a truncated or foreign file
-        raise UsageError(f"{path}: cannot load: {type(error).__name__}: {error}") from error
-
-
-def run_program(program: torch.nn.Module, canvases: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, boxes) for uint8 canvases [N,75,75], scaled exactly as in training."""
-    with torch.inference_mode():
-        return program(as_batch(torch.from_numpy(canvases)))
-
-
-def draw_tile(
-    canvas: np.ndarray, boxes: Sequence[tuple[Sequence[float], str]], caption: Sequence[str], color: str
-) -> Image.Image:
-    """A uint8 canvas upscaled SCALE times with (normalized box, colour) outlines, in order, above a caption."""
-    side = CANVAS * SCALE
-    big = np.repeat(np.repeat(canvas, SCALE, axis=0), SCALE, axis=1)
-    pixels = torch.tensor([list(box) for box, _ in boxes], dtype=torch.float32) * side
-    drawn = draw_bounding_boxes(torch.from_numpy(np.stack([big] * 3)), pixels.round(),
-                                colors=[c for _, c in boxes], width=BOX_WIDTH)
-    tile = Image.new("RGB", (side, side + CAPTION_HEIGHT))
-    tile.paste(Image.fromarray(drawn.permute(1, 2, 0).numpy()))
-    ImageDraw.Draw(tile).multiline_text((4, side + 3), "\n".join(caption), fill=color, font=FONT)
-    return tile
-
-
-def grid(tiles: Sequence[Image.Image]) -> Image.Image:
-    width, height = tiles[0].size
-    columns, rows = min(COLUMNS, len(tiles)), -(-len(tiles) // COLUMNS)
-    sheet = Image.new("RGB", (columns * (width + PAD) + PAD, rows * (height + PAD) + PAD), "dimgray")
-    for index, tile in enumerate(tiles):
-        sheet.paste(tile, (PAD + index % COLUMNS * (width + PAD), PAD + index // COLUMNS * (height + PAD)))
-    return sheet
-
-
 def rebuild_test_split(mnist, seed: int, data: DataSettings, limit: int | None) -> Arrays:
     """The search's test canvases (or the first `limit` of them), built as the search built them."""
     plan = split_plan(len(mnist.train_images), len(mnist.test_images))
@@ -120,20 +65,12 @@ def rebuild_test_split(mnist, seed: int, data: DataSettings, limit: int | None) 
 
 
 def score(program: torch.nn.Module, split: Arrays, batch_size: int) -> tuple[torch.Tensor, Arrays]:
-    """Metric sums, and per canvas: predicted label, confidence, box and IoU."""
-    sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64)
-    parts = []
-    # Batched because box_iou builds the full N x N matrix that elementwise_iou takes the diagonal of.
-    for start in range(0, len(split["label"]), batch_size):
-        rows = slice(start, start + batch_size)
-        logits, boxes = run_program(program, split["image"][rows])
-        labels, target = torch.from_numpy(split["label"][rows]), torch.from_numpy(split["box"][rows])
-        # The loss slot stays 0: the loss depends on training hyperparameters, not on the artefact.
-        sums += batch_sums(torch.zeros(()), logits, boxes, labels, target)
-        confidence, predicted = logits.softmax(dim=1).max(dim=1)
-        parts.append((predicted, confidence, boxes, elementwise_iou(boxes, target)))
-    columns = [torch.cat(column).numpy() for column in zip(*parts)]
-    return sums, dict(zip(("label", "confidence", "box", "iou"), columns))
+    """Metric sums, and per canvas: predicted label, confidence, box and IoU (the loss slot stays 0:
+    the loss depends on training hyperparameters, not on the artefact)."""
+    columns = (torch.from_numpy(split[key]) for key in ("image", "box", "label"))
+    sums, outputs = score_batches(lambda images: run_program(program, images), *columns, batch_size=batch_size,
+                                  keep_outputs=True)
+    return sums, {key: value.numpy() for key, value in outputs.items()}
 
 
 def tiles_for(indices: np.ndarray, split: Arrays, outputs: Arrays) -> list[Image.Image]:

@@ -23,6 +23,7 @@ import onnxruntime
 import torch
 
 from raylocal.config import ModelConfig
+from raylocal.engine import as_batch
 from raylocal.model import NUM_CLASSES, Localizer, build_model
 from raylocal.synthesis import CANVAS
 
@@ -36,7 +37,7 @@ RESERVED_CARD_KEYS = ("files", "versions", "exported_at")
 
 
 class ExportError(RuntimeError):
-    """The export could not be written or does not reproduce the eager model."""
+    """The export could not be written or read, or does not reproduce the eager model."""
 
 
 def export_model(
@@ -79,6 +80,23 @@ def export_model(
 
 def load_program(export_dir: str | os.PathLike) -> torch.nn.Module:
     return torch.export.load(Path(export_dir) / "model.pt2").module()
+
+
+def load_export(export_dir: str | os.PathLike) -> torch.nn.Module:
+    """`load_program` for a folder a user named: a missing or unreadable model.pt2 is an ExportError."""
+    path = Path(export_dir) / "model.pt2"
+    if not path.is_file():
+        raise ExportError(f"{export_dir} is not an export: it has no model.pt2")
+    try:
+        return load_program(export_dir)
+    except Exception as error:  # torch raises many kinds for a truncated or foreign file
+        raise ExportError(f"{path}: cannot load: {type(error).__name__}: {error}") from error
+
+
+def run_program(program: torch.nn.Module, canvases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, boxes) for uint8 canvases [N,75,75], scaled exactly as in training."""
+    with torch.inference_mode():
+        return program(as_batch(canvases))
 
 
 def load_state_dict_model(export_dir: str | os.PathLike) -> Localizer:

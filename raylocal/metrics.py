@@ -6,6 +6,8 @@ Plain mean IoU alone rewards a model that ignores the class, so it is only repor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_area, generalized_box_iou_loss
@@ -66,6 +68,36 @@ def batch_sums(loss: torch.Tensor, logits: torch.Tensor, boxes: torch.Tensor, la
             ((iou >= 0.5).double() * correct).sum(),
         ]
     )
+
+
+@torch.no_grad()
+def score_batches(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    loss: Callable[..., torch.Tensor] | None = None,
+    keep_outputs: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The one scoring loop, for a model in training (`engine.evaluate`) and for an exported
+    program (`raylocal.evaluate`): metric sums over uint8 `images` in batches, where `forward`
+    maps a batch of images to float (logits, boxes) and `loss(logits, boxes, labels, target)`,
+    if given, fills the loss slot. With `keep_outputs`, also per canvas: predicted label,
+    confidence, box and IoU."""
+    sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=images.device)
+    parts = []
+    for start in range(0, len(labels), batch_size):
+        rows = slice(start, start + batch_size)
+        logits, pred_boxes = forward(images[rows])
+        value = loss(logits, pred_boxes, labels[rows], boxes[rows]) if loss else torch.zeros((), device=images.device)
+        sums += batch_sums(value, logits, pred_boxes, labels[rows], boxes[rows])
+        if keep_outputs:
+            confidence, predicted = logits.softmax(dim=1).max(dim=1)
+            parts.append((predicted, confidence, pred_boxes, elementwise_iou(pred_boxes, boxes[rows])))
+    outputs = {key: torch.cat(column) for key, column in zip(("label", "confidence", "box", "iou"), zip(*parts))}
+    return sums, outputs
 
 
 def summarize(sums: torch.Tensor, prefix: str) -> dict[str, float]:

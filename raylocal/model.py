@@ -19,7 +19,8 @@ def block_widths(config: ModelConfig) -> list[int]:
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     # Pool straight after the convolution: batch norm and ReLU then touch a quarter of the
     # values. On a CPU they are memory-bound and took over half of a training step when they
-    # ran at full resolution (profiled at depth 4, width 16); this order trains ~30% faster.
+    # ran at full resolution (profiled at depth 4, width 16); this order trains 1.75x faster
+    # (experiments/RESULTS.md, "What the measurements changed").
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.MaxPool2d(2),
@@ -57,8 +58,8 @@ class Localizer(nn.Module):
         )
         # The classifier also sees the trunk's global max: what the digit is does not depend on
         # where it is, and without this the digit head learns every position separately. With
-        # it, validation accuracy after 1/8 epoch is ~65% instead of ~17% (depth 4-5), so
-        # ASHA's first cut ranks trials by something other than chance.
+        # it, validation accuracy after 1/8 epoch is 68% instead of 17% (depth 4, width 8;
+        # RESULTS.md), so ASHA's first cut ranks trials by something other than chance.
         self.classifier = nn.Linear(config.head_width + channels, NUM_CLASSES)
         self.box_head = nn.Linear(config.head_width, 4)
 

@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
-from raylocal.cli import run
-from raylocal.evaluate import PRED_COLOR, UsageError, draw_tile, load_export, run_program
+from raylocal.cli import UsageError, run
+from raylocal.drawing import PRED_COLOR, draw_tile
+from raylocal.export import ExportError, load_export, run_program
 from raylocal.synthesis import CANVAS
 
 
@@ -69,7 +71,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         for note in notes:
             print(f"{path}: {note}", file=sys.stderr)
     canvases = np.stack([canvas for canvas, _ in prepared])
-    logits, boxes = run_program(program, canvases)
+    logits, boxes = run_program(program, torch.from_numpy(canvases))
     confidences, labels = logits.softmax(dim=1).max(dim=1)
     if args.annotate:
         args.annotate.mkdir(parents=True, exist_ok=True)
@@ -91,7 +93,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run(get_args_parser(), main, (UsageError,), argv)
+    return run(get_args_parser(), main, (UsageError, ExportError), argv)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,16 @@
 """Search report: `python -m raylocal.report EXPERIMENT_DIR`; tune.py calls write_report after each search.
 
-Reads a Tune experiment folder as Tune left it, finished, killed or still running (params.json,
-result.json and error.txt of each trial; never the pickles, never Ray) and writes trials.csv,
-four plots and report.md.
+Reads a search folder as Tune left it, finished, killed or still running, through the one
+reader of search folders (`raylocal.results`, on Tune's own ExperimentAnalysis; no running
+cluster needed), and writes trials.csv, four plots and report.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
-import re
 import sys
 from itertools import accumulate
 from pathlib import Path
@@ -24,15 +22,12 @@ from matplotlib.ticker import MaxNLocator
 
 from raylocal.cli import run
 from raylocal.config import OBJECTIVE
+from raylocal.results import COMPLETED, ERROR, RUNNING, STOPPED, SearchFolderError, longest_run, read_search
 
 BEST = f"best_{OBJECTIVE}"
 LAST_METRICS = ("det_iou", "mean_iou", "accuracy", "iou50", "iou75")
-COMPLETED, STOPPED, RUNNING, ERROR = "completed", "stopped early (ASHA)", "running/interrupted", "error"
 COLORS = {COMPLETED: "tab:green", STOPPED: "tab:orange", RUNNING: "tab:blue", ERROR: "tab:red"}
 TOP_CURVES, TOP_TABLE = 5, 10
-# Tune names trial folders <trainable>_<trial id>_<creation index>_<params>_<date>; the id is 8 hex
-# digits when a searcher made the trial, else 5 hex digits and a 5-digit counter.
-FOLDER = re.compile(r"_(?P<id>[0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(?P<index>\d+)(?:_|$)")
 PLOTS = {
     "best_so_far.png": f"best {OBJECTIVE} found so far against trial number (creation order); "
                        "dots: each trial's best, coloured by how the trial ended",
@@ -42,55 +37,38 @@ PLOTS = {
 }
 
 
-class ReportError(RuntimeError):
-    """The folder holds no Tune trials."""
-
-
 def finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        with contextlib.suppress(json.JSONDecodeError):  # a trial killed mid-write leaves half a line
-            rows.append(json.loads(line))
-    return rows
+def plain(row: dict[str, Any]) -> dict[str, Any]:
+    """A pandas row as Python values (numpy scalars and NaN for missing cells become floats and None)."""
+    return {key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()
+            if not (isinstance(value, float) and math.isnan(value))}
 
 
 def load_trials(experiment_dir: Path, card: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(trials in creation order, each with its trials.csv record and result rows; parameter names)."""
-    found = sorted(((FOLDER.search(path.parent.name), path.parent) for path in experiment_dir.glob("*/params.json")),
-                   key=lambda pair: (int(pair[0]["index"]) if pair[0] else sys.maxsize, pair[1].name))
-    if not found:
-        raise ReportError(f"{experiment_dir} holds no Tune trial folders (*/params.json)")
-    trials = []
-    for match, folder in found:
-        rows = read_results(folder / "result.json")
-        trials.append({"folder": folder, "rows": rows, "params": json.loads((folder / "params.json").read_text()),
-                       "trial_id": rows[-1].get("trial_id") if rows else (match["id"] if match else folder.name)})
-    names = list(dict.fromkeys(name for trial in trials for name in trial["params"]))
+    """(trials in creation order, each with its trials.csv record and report rows; parameter names)."""
+    runs = read_search(experiment_dir)
+    if not runs:
+        raise SearchFolderError(f"{experiment_dir} holds a Tune search without trials")
+    names = list(dict.fromkeys(name for trial in runs for name in trial.params))
     budget = card.get("search", {}).get("settings", {}).get("budget", {})
     # Without the card's budget (a search that never got to export) the longest trial stands
     # for a full one: right once any trial ran its course, while a search killed before that
     # shows its longest ASHA survivors as completed.
-    max_epochs = budget.get("max_epochs") or max(
-        (trial["rows"][-1].get("epoch", 0) for trial in trials if trial["rows"]), default=0
-    )
-    for number, trial in enumerate(trials, 1):
-        rows, last = trial["rows"], trial["rows"][-1] if trial["rows"] else {}
-        scored = [row for row in rows if finite(row.get(OBJECTIVE))]
-        trial["best_row"] = best = max(scored, key=lambda row: row[OBJECTIVE], default={})
-        reports = last.get("training_iteration", 0)
-        # Tune writes error.txt at every failure, also at those it then retried with success.
-        reason = (COMPLETED if last.get("epoch", 0) >= max_epochs else STOPPED) if last.get("done") else \
-            ERROR if (trial["folder"] / "error.txt").exists() else RUNNING
-        trial["record"] = {
-            "trial": number, "trial_id": trial["trial_id"], **{name: trial["params"].get(name) for name in names},
-            "epochs": last.get("epoch"), "reports": reports, "stop_reason": reason,
-            BEST: best.get(OBJECTIVE), "best_epoch": best.get("epoch"),
+    max_epochs = budget.get("max_epochs") or longest_run(runs)
+    trials = []
+    for trial in runs:
+        rows = [plain(row) for row in trial.history.to_dict("records")]
+        last, best = plain(trial.last), plain(trial.best)
+        record = {
+            "trial": trial.number, "trial_id": trial.trial_id, **{name: trial.params.get(name) for name in names},
+            "epochs": last.get("epoch"), "reports": last.get("training_iteration", 0),
+            "stop_reason": trial.stop_reason(max_epochs), BEST: best.get(OBJECTIVE), "best_epoch": best.get("epoch"),
             **{f"val_{name}": last.get(f"val_{name}") for name in LAST_METRICS}, "wall_s": last.get("time_total_s"),
         }
+        trials.append({"rows": rows, "best_row": best, "record": record})
     return trials, names
 
 
@@ -98,16 +76,28 @@ def log_scale(values: list[Any]) -> bool:
     return bool(values) and all(finite(v) for v in values) and min(values) > 0 and max(values) / min(values) > 20
 
 
-def searched_space(experiment_dir: Path) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The search's own space, from the manifest raylocal writes beside its trials; {} for a
-    folder without one (a plain Tune search), whose space is then guessed from the values seen."""
-    from raylocal.config import Experiment, optuna_space
+def manifest(experiment_dir: Path) -> dict[str, Any]:
+    """The flags and experiment raylocal keeps beside its trials; {} for a plain Tune folder."""
     from raylocal.tune import MANIFEST
 
     path = experiment_dir / MANIFEST
-    if not path.is_file():
-        return {}
-    return optuna_space(Experiment.from_description(json.loads(path.read_text())["experiment"]).space)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def searched_space(experiment_dir: Path) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The search's own space, from its manifest; {} for a folder without one (a plain Tune
+    search), whose space is then guessed from the values seen."""
+    from raylocal.config import Experiment, optuna_space
+
+    described = manifest(experiment_dir).get("experiment")
+    return optuna_space(Experiment.from_description(described).space) if described else {}
+
+
+def model_card(experiment_dir: Path) -> dict[str, Any]:
+    """The exported model's card: in `--export-dir` when the search was given one, else in best_model/."""
+    export_dir = manifest(experiment_dir).get("flags", {}).get("export_dir") or experiment_dir / "best_model"
+    path = Path(export_dir) / "model_card.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def scatter_by_reason(axes, points: list[tuple[Any, float, str]]) -> None:
@@ -167,6 +157,12 @@ def distribution(values: list[Any]) -> optuna.distributions.BaseDistribution:
     return kind(min(values), max(values), log=log_scale(values))
 
 
+def holds(known: optuna.distributions.BaseDistribution, values: list[Any]) -> bool:
+    if isinstance(known, optuna.distributions.CategoricalDistribution):
+        return all(value in known.choices for value in values)
+    return all(finite(value) and known.low <= value <= known.high for value in values)
+
+
 def importances(records: list[dict[str, Any]], names: list[str], space: dict[str, Any]) -> tuple[dict[str, float], str]:
     """(importance per hyperparameter, why none when empty). Every trial that reported counts
     with its best score, ASHA-stopped ones too: being stopped early is part of what a value does."""
@@ -175,7 +171,11 @@ def importances(records: list[dict[str, Any]], names: list[str], space: dict[str
     if len(scored) < 2 or not varying or len({r[BEST] for r in scored}) < 2:
         return {}, (f"needs at least 2 trials that reported {OBJECTIVE}, with different scores and "
                     f"hyperparameters; this search has {len(scored)} and varies {varying or 'none'}")
-    distributions = {n: space.get(n) or distribution([r[n] for r in scored if r[n] is not None]) for n in varying}
+    distributions = {}
+    for name in varying:
+        values = [r[name] for r in scored if r[name] is not None]
+        known = space.get(name)
+        distributions[name] = known if known is not None and holds(known, values) else distribution(values)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # create_study announces itself at INFO
     try:
@@ -210,7 +210,7 @@ def plot_curves(trials: list[dict[str, Any]]) -> Figure:
         for trial in trials:
             rows = [row for row in trial["rows"] if finite(row.get(metric))]
             axes.plot([row["epoch"] for row in rows], [row[metric] for row in rows], marker="o", markersize=3,
-                      label=f"#{trial['record']['trial']} {trial['trial_id']} ({trial['record'][BEST]:.3f})")
+                      label=f"#{trial['record']['trial']} {trial['record']['trial_id']} ({trial['record'][BEST]:.3f})")
         axes.set(xlabel="epoch", ylabel=metric, title=metric)
         axes.grid(alpha=0.3)
     figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small",
@@ -237,7 +237,7 @@ def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path)
                   "Hyperparameters: " + (", ".join(f"`{n}` = {cell(record[n])}" for n in names) or "none searched")
                   + "."]
         if card.get("test"):
-            lines += ["", f"Test split (best_model/model_card.json, trial `{card.get('trial_id')}` epoch "
+            lines += ["", f"Test split (the export's model_card.json, trial `{card.get('trial_id')}` epoch "
                       f"{card.get('epoch')}): " + ", ".join(f"{k.removeprefix('test_')} {v:.4f}"
                                                         for k, v in card["test"].items()) + "."]
     else:
@@ -256,8 +256,7 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None, 
     """Write trials.csv, the plots and report.md into out_dir (default EXPERIMENT_DIR/report); return report.md."""
     experiment_dir = Path(experiment_dir)
     out = Path(out_dir) if out_dir else experiment_dir / "report"
-    card_path = experiment_dir / "best_model" / "model_card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card = model_card(experiment_dir)
     trials, names = load_trials(experiment_dir, card)
     space = searched_space(experiment_dir)
     trials.sort(key=lambda t: -t["record"][BEST] if finite(t["record"][BEST]) else math.inf)
@@ -306,7 +305,7 @@ def main(args: argparse.Namespace) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    return run(get_args_parser(), main, (ReportError,), argv)
+    return run(get_args_parser(), main, (SearchFolderError,), argv)
 
 
 if __name__ == "__main__":

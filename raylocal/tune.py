@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -20,11 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-# The legacy CLIReporter is the one that can be told which columns matter.
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-
-from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Experiment, load_experiment, optuna_space  # noqa: E402
-from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU  # noqa: E402
+from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Experiment, load_experiment, optuna_space
+from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU
 
 SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
 SHOWN_METRICS = {OBJECTIVE: "val det IoU", "val_mean_iou": "val IoU", "val_accuracy": "val acc", "epoch": "epoch"}
@@ -172,74 +168,18 @@ def check_destinations(plan: Plan) -> None:
             raise ConfigError(f"cannot write to {folder}: {error}") from None
 
 
-def check_reachable(address: str) -> None:
-    """A HOST:PORT that nothing listens on fails here in seconds; ray.init would retry for minutes."""
-    if address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--address {address}: no Ray cluster answers there ({error})") from None
+def startup_trials(trials: int) -> int:
+    """How many of the first trials TPE draws at random: a quarter of them, 2 to 10."""
+    return max(2, min(10, trials // 4))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now (the OS's pick), for a Ray process about to start."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def pin_local_address() -> str:
-    """Choose the new local instance's GCS port now and name it in RAY_ADDRESS, which every Ray
-    process of the instance inherits. Ray Train's placement-group cleaner finds its cluster
-    through the state API with no address; with a second instance on the machine (another
-    search) that lookup fails ("Found multiple active Ray instances") and the trial hangs.
-    RAY_GCS_SERVER_PORT is for the start only: the caller removes it once the instance is up."""
-    import ray
-
-    loopback = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
-    host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
-    port = free_port(host)
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{host}:{port}"
-    return os.environ["RAY_ADDRESS"]
-
-
-def start_ray(address: str | None, quiet: bool = False, log=print):
-    import ray
-
-    if address:
-        check_reachable(address)
-        try:
-            context = ray.init(address=address, log_to_driver=not quiet)
-        except (ConnectionError, ValueError, RuntimeError) as error:
-            raise ConfigError(f"--address {address}: cannot join a Ray cluster there: {error}") from None
-        log(f"ray: joined cluster at {context.address_info['address']}")
-    else:
-        pinned = pin_local_address()
-        # "local" starts a new instance even when RAY_ADDRESS or an earlier `ray start` exists;
-        # the dashboard listens on loopback only (the other ports too, see `main`).
-        context = ray.init(
-            address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=not quiet
-        )
-        os.environ.pop("RAY_GCS_SERVER_PORT")
-        if context.address_info["address"] != pinned:
-            ray.shutdown()
-            raise RuntimeError(f"Ray started at {context.address_info['address']}, not at {pinned} as asked")
-        log(f"ray: started a local instance at {pinned}")
-    if context.dashboard_url:
-        log(f"ray: dashboard at http://{context.dashboard_url}")
-    return context
-
-
-def make_sampler(trials: int, seed: int):
-    """TPE, informed by the first quarter of the trials (2 to 10) drawn at random; the constant
-    liar keeps concurrent trials from all being sampled at the same promising point."""
+def make_sampler(trials: int, seed: int, startup: int | None = None):
+    """TPE, informed by the first `startup_trials` drawn at random; the constant liar keeps
+    concurrent trials from all being sampled at the same promising point."""
     import optuna
 
     return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=max(2, min(10, trials // 4)), multivariate=True, constant_liar=True
+        seed=seed, n_startup_trials=startup or startup_trials(trials), multivariate=True, constant_liar=True
     )
 
 
@@ -255,11 +195,69 @@ def logger_callbacks(args: argparse.Namespace, plan: Plan) -> list:
     return [MLflowLoggerCallback(tracking_uri=args.mlflow_uri, experiment_name=plan.name, save_artifact=False)]
 
 
-def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any]:
+def search_algorithm(args: argparse.Namespace, plan: Plan):
+    """Optuna's TPE over the experiment's space (None when nothing is searched)."""
     import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = optuna_space(plan.experiment.space)
+    if not space:
+        return None
+    storage = optuna.storages.RDBStorage(args.optuna_storage) if args.optuna_storage else None
+    sampler = make_sampler(plan.experiment.budget.trials, args.seed)
+    return OptunaSearch(space=space, metric=OBJECTIVE, mode="max", sampler=sampler, study_name=plan.name,
+                        storage=storage)
+
+
+def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_failures: int):
+    """A new Tuner for the plan, or the interrupted one restored from its folder."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    if plan.resume:
+        return tune.Tuner.restore(plan.experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
+    budget = plan.experiment.budget
+    tune_config = tune.TuneConfig(
+        metric=OBJECTIVE,
+        mode="max",
+        search_alg=search_algorithm(args, plan),
+        # In epochs, not reports: reports are denser in the first epoch than later.
+        scheduler=ASHAScheduler(time_attr="epoch", max_t=budget.max_epochs, grace_period=budget.grace_period,
+                                reduction_factor=budget.reduction_factor),
+        num_samples=budget.trials,
+        max_concurrent_trials=layout.concurrent,
+        # A fresh trial process costs ~4 s of torch import on a small machine; reuse them.
+        # Not for TorchTrainer drivers: their fit() outlives Tune's 2 s reset window, and
+        # the next trial on that actor would never start.
+        reuse_actors=layout.backend == "inline",
+    )
+    run_config = tune.RunConfig(
+        name=plan.name,
+        storage_path=plan.storage,
+        progress_reporter=tune.CLIReporter(
+            metric_columns=SHOWN_METRICS, parameter_columns=[dim.name for dim in plan.experiment.space],
+            max_report_frequency=30, sort_by_metric=True,
+        ),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
+                                                checkpoint_score_order="max"),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        callbacks=logger_callbacks(args, plan),
+        verbose=0 if args.quiet else args.verbose,
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def describe_search(plan: Plan) -> str:
+    budget = plan.experiment.budget
+    return (f"search: {budget.trials} trials, up to {budget.max_epochs} epochs each, reporting "
+            f"{budget.first_epoch_reports}x in the first epoch and {budget.reports_per_epoch}x per later epoch; "
+            f"ASHA stops the worst after {budget.grace_period:g} epoch(s), reduction factor "
+            f"{budget.reduction_factor}; results in {plan.storage}/{plan.name}")
+
+
+def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any]:
+    """Layout, data, search, export, report: the steps of one command, in order."""
+    from ray import tune
 
     from raylocal.best import export_best, summary_table
     from raylocal.data import build_search_data
@@ -282,53 +280,10 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
         reports_per_epoch=budget.reports_per_epoch, layout=layout, storage_path=plan.storage,
         experiment_name=plan.name, seed=args.seed, fixed=asdict(experiment.fixed),
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, settings=settings), layout.trial_resources()
-    )
-    sampler = make_sampler(budget.trials, args.seed)
-    space = optuna_space(experiment.space)
-    optuna_storage = optuna.storages.RDBStorage(args.optuna_storage) if args.optuna_storage else None
-    tuner = tune.Tuner.restore(
-        plan.experiment_dir, trainable, resume_unfinished=True, resume_errored=True
-    ) if plan.resume else tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            metric=OBJECTIVE,
-            mode="max",
-            search_alg=OptunaSearch(
-                space=space, metric=OBJECTIVE, mode="max", sampler=sampler, study_name=plan.name, storage=optuna_storage
-            ) if space else None,
-            scheduler=ASHAScheduler(
-                # In epochs, not reports: reports are denser in the first epoch than later.
-                time_attr="epoch", max_t=budget.max_epochs,
-                grace_period=budget.grace_period, reduction_factor=budget.reduction_factor,
-            ),
-            num_samples=budget.trials,
-            max_concurrent_trials=layout.concurrent,
-            # A fresh trial process costs ~4 s of torch import on a small machine; reuse them.
-            # Not for TorchTrainer drivers: their fit() outlives Tune's 2 s reset window, and
-            # the next trial on that actor would never start.
-            reuse_actors=layout.backend == "inline",
-        ),
-        run_config=tune.RunConfig(
-            name=plan.name,
-            storage_path=plan.storage,
-            progress_reporter=tune.CLIReporter(
-                metric_columns=SHOWN_METRICS, parameter_columns=[dim.name for dim in experiment.space],
-                max_report_frequency=30, sort_by_metric=True,
-            ),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"
-            ),
-            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            callbacks=logger_callbacks(args, plan),
-            verbose=0 if args.quiet else args.verbose,
-        ),
-    )
-    log(f"search: {budget.trials} trials, up to {budget.max_epochs} epochs each, reporting {budget.first_epoch_reports}x "
-        f"in the first epoch and {budget.reports_per_epoch}x per later epoch; ASHA stops the worst after "
-        f"{budget.grace_period:g} epoch(s), reduction factor "
-        f"{budget.reduction_factor}; results in {plan.storage}/{plan.name}")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings),
+                                    layout.trial_resources())
+    tuner = make_tuner(args, plan, trainable, layout, settings.max_failures)
+    log(describe_search(plan))
     if not plan.resume:
         write_manifest(args, plan)
     results = tuner.fit()
@@ -340,12 +295,7 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.address and "ray" not in sys.modules:
-        # A local instance serves this machine alone: with this (Ray's own switch for
-        # single-machine use) GCS, raylet and workers listen on 127.0.0.1, not the network.
-        # It must be set before Ray is imported, and is inherited by every Ray process.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    from raylocal.cluster import connect, environment
 
     if args.resume:
         args, experiment = resumed(args)
@@ -354,14 +304,53 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         plan = build_plan(args)
     check_destinations(plan)
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        start_ray(args.address, args.quiet)
+    # The legacy CLIReporter is the one that can be told which columns matter.
+    with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "0")):
+        with connect(args.address, quiet=args.quiet):
+            return run_search(args, plan)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What `search` hands back: the winner, its metrics, where the model and the search are."""
+
+    best_config: dict[str, Any]  # every hyperparameter of the best trial, searched and fixed
+    validation: dict[str, float]
+    test: dict[str, float]
+    export_dir: Path
+    experiment_dir: str
+    summary: dict[str, Any]  # all of the above and more, as in the export's model_card.json
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> SearchResult:
+        return cls(
+            best_config=dict(summary["hyperparameters"]), validation=dict(summary["validation"]),
+            test=dict(summary["test"]), export_dir=Path(summary["export_dir"]),
+            experiment_dir=summary["search"]["storage"], summary=summary,
+        )
+
+
+def search(**settings: Any) -> SearchResult:
+    """The Python entry point (notebooks, scripts): the command line's settings by their flag
+    names with underscores, e.g. `search(trials=20, data_dir="mnist", workers_per_trial=2)`;
+    flags without a value take True. Same checks, same search, same export as the command."""
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    known = sorted(vars(parser.parse_args([])))
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; allowed: {known}")
+    argv = []
+    for key, value in settings.items():
+        if value is None or value is False:
+            continue
+        option = "--" + key.replace("_", "-")
+        argv += [option] if value is True else [option, str(value)]
     try:
-        return run_search(args, plan)
-    finally:
-        if owns_ray:
-            ray.shutdown()
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as error:
+        raise ConfigError(str(error)) from None
+    return SearchResult.from_summary(main(args))
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,62 @@ import pytest
 from raylocal.mnist import write_idx_files
 
 TINY_TRAIN, TINY_TEST = 1200, 200
+_SAVED_ENV: dict[str, str | None] = {}
+# Every process the tests start inherits this mark, so the session can find what it left behind.
+SESSION_MARK = "RAYLOCAL_TEST_SESSION"
+
+
+def pytest_configure(config):
+    """Ray reads its loopback switch when first imported, and collecting the tests imports Ray:
+    set it first, so that every Ray instance of the session is on loopback, as the product's are
+    (`raylocal.cluster` checks). Put back at the end of the session."""
+    from raylocal.cluster import LOOPBACK_SWITCH
+
+    for key, value in {LOOPBACK_SWITCH: "0", SESSION_MARK: str(os.getpid())}.items():
+        _SAVED_ENV[key] = os.environ.get(key)
+        os.environ[key] = value
+
+
+def marked_processes() -> list:
+    """Processes other than this one that carry this session's mark, less multiprocessing's
+    resource tracker of this process (it ends when this process does)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        if process.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            own_tracker = process.ppid() == os.getpid() and "multiprocessing.resource_tracker" in " ".join(
+                process.cmdline())
+            if process.environ().get(SESSION_MARK) == str(os.getpid()) and not own_tracker:
+                found.append(process)
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No process started by the tests may outlive them: wait a little for Ray's to exit, then
+    fail the session naming (and killing) what is left."""
+    deadline = time.monotonic() + 20
+    while (left := marked_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        names = []
+        for process in left:
+            with contextlib.suppress(Exception):
+                names.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+                process.kill()
+        print(f"\nERROR: the tests left {len(left)} process(es) running (now killed):\n  " + "\n  ".join(names),
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config):
+    for key, value in _SAVED_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
@@ -32,32 +93,43 @@ def tiny_mnist_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture
+def start_search(tmp_path):
+    """Starts `python -m raylocal.tune FLAGS...` in a process group of its own, and kills that
+    group when the test ends, however it ends (a failed assertion, a timeout, Ctrl-C)."""
+    started: list[subprocess.Popen] = []
+
+    def start(*flags: str, cwd: Path | None = None) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "raylocal.tune", *flags], cwd=cwd or tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+            if process.stdout:
+                process.stdout.close()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray cluster of the test session (Ray Train refuses to pick among several instances):
     two real nodes on this machine, a head and a worker with one CPU each, so that every
-    integration test also runs multi-node."""
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+    integration test also runs multi-node. Started by `raylocal.cluster`, as the product starts Ray."""
+    pytest.importorskip("ray")
+    from raylocal.cluster import environment, local_cluster
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Ray's usage-stats poller outlives pytest's captured streams and logs into closed files.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from raylocal.tune import free_port, pin_local_address
-
-    # Named in RAY_ADDRESS for every process of the cluster: Ray Train finds its cluster by it,
-    # also while a test's own searches run further Ray instances beside this one.
-    pin_local_address()
-    node = {"num_cpus": 1, "object_store_memory": 512 * 1024**2}
-    # The dashboard is on because Ray Train cleans up placement groups through its state API.
-    cluster = Cluster(
-        initialize_head=True, head_node_args=node | {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()}
-    )
-    os.environ.pop("RAY_GCS_SERVER_PORT")
-    cluster.add_node(**node)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    # Ray's usage-stats poller outlives pytest's captured streams and logs into closed files;
+    # the legacy reporter is the one the product uses.
+    with environment(RAY_USAGE_STATS_ENABLED="0", RAY_AIR_NEW_OUTPUT="0"):
+        # The dashboard is on because Ray Train cleans up placement groups through its state API.
+        with local_cluster([{"num_cpus": 1}, {"num_cpus": 1}], connect_driver=True) as cluster:
+            yield cluster

@@ -78,3 +78,25 @@ def test_an_address_where_nothing_listens_fails_fast_with_one_message(tmp_path, 
     assert cli(["--address", "127.0.0.1:9", "--storage", str(tmp_path / "results")]) == 2
     err = capsys.readouterr().err
     assert "--address 127.0.0.1:9: no Ray cluster answers there" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"trails": 3}, "unknown setting(s) ['trails']"), ({"trials": "many"}, "argument --trials: invalid int value"),
+     ({"device": "tpu"}, "argument --device: invalid choice")],
+)
+def test_python_entry_point_refuses_bad_settings_before_any_work(settings, message):
+    import raylocal
+    from raylocal.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        raylocal.search(**settings)
+    assert message in str(error.value)
+
+
+def test_debug_shows_the_traceback_instead_of_one_line(capsys):
+    from raylocal.config import ConfigError
+
+    assert cli(["--trials", "0"]) == 2
+    with pytest.raises(ConfigError, match="--trials must be >= 1"):
+        cli(["--trials", "0", "--debug"])

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -19,14 +17,11 @@ from raylocal.export import EXPORT_FILES
 pytestmark = pytest.mark.ray
 
 
-def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_dir):
+def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_dir, start_search):
     runs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "raylocal.tune", "--smoke-test", "--quiet", "--data-dir", str(tiny_mnist_dir),
-             "--unverified-data", "--storage", str(tmp_path / "results"), "--name", name,
-             "--workers-per-trial", "2"],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        # Not --quiet: worker logs must reach the output for the "multiple instances" check to mean anything.
+        name: start_search("--smoke-test", "--verbose", "0", "--data-dir", str(tiny_mnist_dir), "--unverified-data",
+                           "--storage", str(tmp_path / "results"), "--name", name, "--workers-per-trial", "2")
         for name in ("first", "second")
     }
     outputs = {name: process.communicate(timeout=400)[0] for name, process in runs.items()}

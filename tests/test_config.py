@@ -283,3 +283,18 @@ def test_one_translation_of_the_space_into_optuna_distributions():
     assert space["lr"] == FloatDistribution(5e-4, 1e-2, log=True)
     assert space["dropout"] == FloatDistribution(0.0, 0.5)
     assert space["width"] == CategoricalDistribution([8, 16])
+
+
+def test_budget_errors_name_the_flag_and_keep_other_underscores():
+    with pytest.raises(ConfigError) as error:
+        Experiment().with_budget(trials=3, grace_period=9.0)
+    assert str(error.value).startswith("--grace-period must be more than 0 and at most max_epochs (5)")
+
+
+def test_types_come_from_the_annotations_also_for_optional_fields():
+    from raylocal.config import DataSettings, checked
+
+    assert checked(DataSettings, "data", {"train_digits": 100}).train_digits == 100
+    for bad in (2.5, "100", True):
+        with pytest.raises(ConfigError, match="data.train_digits"):
+            checked(DataSettings, "data", {"train_digits": bad})

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from raylocal import evaluate, predict
+from raylocal import drawing, evaluate, predict
 from raylocal.config import DataSettings, ModelConfig
 from raylocal.export import export_model, load_program
 from raylocal.mnist import load_mnist
@@ -21,7 +21,7 @@ from raylocal.synthesis import CANVAS, paste, split_plan, synthesize_shard
 
 CARD = {"data": {"seed": 0}, "search": {"settings": {"data": {"shard_size": 100, "tight_boxes": False}}}}
 METRICS = ("accuracy", "mean_iou", "det_iou", "iou50", "iou60", "iou75", "det50")
-TILE = CANVAS * evaluate.SCALE
+TILE = CANVAS * drawing.SCALE
 KEYS = {"image", "label", "confidence", "box", "box_pixels", "preprocessing"}
 
 
@@ -85,13 +85,13 @@ def test_grids_are_8_by_4_tiles(evaluated, name):
     with Image.open(evaluated.out / name) as image:
         assert image.mode == "RGB"
         assert image.size == (
-            evaluate.COLUMNS * (TILE + evaluate.PAD) + evaluate.PAD,
-            evaluate.ROWS * (TILE + evaluate.CAPTION_HEIGHT + evaluate.PAD) + evaluate.PAD,
+            drawing.COLUMNS * (TILE + drawing.PAD) + drawing.PAD,
+            drawing.ROWS * (TILE + drawing.CAPTION_HEIGHT + drawing.PAD) + drawing.PAD,
         )
 
 
 def test_true_box_of_the_first_canvas_is_outlined_in_green(evaluated, recomputed):
-    xmin, ymin, xmax, _ = np.round(recomputed.split["box"][0] * TILE).astype(int) + evaluate.PAD
+    xmin, ymin, xmax, _ = np.round(recomputed.split["box"][0] * TILE).astype(int) + drawing.PAD
     with Image.open(evaluated.out / "predictions.png") as image:
         # The top edge, minus the corners, where the red predicted box may cross it.
         edge = np.asarray(image)[ymin, xmin + 3 : xmax - 3].astype(int)
@@ -106,7 +106,7 @@ def test_limit_and_seed_flags(export_dir, tiny_mnist_dir, tmp_path):
     result = json.loads((tmp_path / "metrics.json").read_text())
     assert (result["canvases"], result["data"]["seed"]) == (10, 3)
     with Image.open(tmp_path / "predictions.png") as image:  # 10 tiles: a full row of 8, then 2
-        assert image.size[1] == 2 * (TILE + evaluate.CAPTION_HEIGHT + evaluate.PAD) + evaluate.PAD
+        assert image.size[1] == 2 * (TILE + drawing.CAPTION_HEIGHT + drawing.PAD) + drawing.PAD
 
 
 @pytest.mark.parametrize("command, images", [(evaluate.cli, []), (predict.cli, ["digit.png"])])
@@ -173,7 +173,7 @@ def test_annotate_writes_a_png_per_image(export_dir, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2
     for stem in ("a", "b"):
         with Image.open(tmp_path / "out" / f"{stem}.annotated.png") as image:
-            assert image.format == "PNG" and image.size == (TILE, TILE + evaluate.CAPTION_HEIGHT)
+            assert image.format == "PNG" and image.size == (TILE, TILE + drawing.CAPTION_HEIGHT)
 
 
 def test_unreadable_image_exits_2_naming_it_before_any_output(export_dir, tmp_path, capsys):
@@ -191,3 +191,13 @@ def test_limit_rebuilds_the_first_canvases_the_search_scored(recomputed, tiny_mn
     limited = evaluate.rebuild_test_split(mnist, 0, DataSettings(), limit=37)
     for key, column in limited.items():
         assert column.tobytes() == recomputed.split[key][:37].tobytes(), key
+
+
+def test_predict_imports_neither_the_evaluate_entry_point_nor_a_font():
+    import subprocess
+    import sys
+
+    code = ("import sys, raylocal.predict, raylocal.drawing as drawing; "
+            "print('raylocal.evaluate' in sys.modules, drawing.font.cache_info().currsize)")
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert process.stdout.split() == ["False", "0"], process.stderr

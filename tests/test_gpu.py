@@ -7,7 +7,6 @@ test says why it is skipped.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from raylocal.export import EXPORT_FILES, export_model, load_program, onnx_sessi
 from raylocal.model import build_model
 from raylocal.synthesis import split_plan, synthesize_shard
 from raylocal.mnist import load_mnist
+from raylocal.results import all_reports, read_search
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,8 +40,7 @@ def search(tmp_path: Path, mnist_dir: Path, *flags: str) -> tuple[str, list[dict
         cwd=tmp_path, capture_output=True, text=True, timeout=400,
     )
     assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
-    rows = [json.loads(line) for path in (tmp_path / "results" / "gpu").glob("*/result.json")
-            for line in path.read_text().splitlines() if line.strip()]
+    rows = all_reports(read_search(tmp_path / "results" / "gpu")).to_dict("records")
     assert sorted(path.name for path in (tmp_path / "results" / "gpu" / "best_model").iterdir()) == sorted(EXPORT_FILES)
     return process.stdout, rows
 

@@ -7,7 +7,6 @@ the CPU because `--device cpu` says so.
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -109,20 +108,9 @@ def gpu_node(ray_session):
         assert ray.cluster_resources().get("GPU", 0) == 0
 
 
-def trial_rows(folder) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {}
-    for path in folder.glob("*/result.json"):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows.setdefault(row["trial_id"], []).append(row)
-    return rows
-
-
 @pytest.mark.ray
 def test_logical_gpus_give_each_trial_a_fraction_and_one_gpu_id(gpu_node, tmp_path, tiny_mnist_dir, capsys):
-    from ray.tune import ExperimentAnalysis
-
+    from raylocal.results import read_search
     from raylocal.tune import get_args_parser, main
 
     args = get_args_parser().parse_args([
@@ -134,14 +122,15 @@ def test_logical_gpus_give_each_trial_a_fraction_and_one_gpu_id(gpu_node, tmp_pa
     # 6 CPUs (1 + 1 + 4) and 2 GPUs at 0.5 GPU a trial: the GPUs bound it at 4.
     assert "6 CPUs, 2 GPUs; each trial: 1 worker(s) x 1 CPU + 0.5 GPU, computing on cpu" in output, output
     assert "up to 4 trials at once (GPUs / 0.5 per trial" in output
-    trials = ExperimentAnalysis(str(tmp_path / "logical")).trials
+    from ray.tune import ExperimentAnalysis
+
+    resources = [trial.placement_group_factory.required_resources
+                 for trial in ExperimentAnalysis(str(tmp_path / "logical")).trials]
+    assert resources == [{"CPU": 1, "GPU": 0.5}] * 4
+    trials = read_search(tmp_path / "logical")
     assert len(trials) == 4
     for trial in trials:
-        assert trial.placement_group_factory.required_resources == {"CPU": 1, "GPU": 0.5}
-    rows = trial_rows(tmp_path / "logical")
-    assert len(rows) == 4
-    for trial_rows_ in rows.values():
-        last = trial_rows_[-1]
+        last = trial.last
         assert last["worker_gpus"] in {"0", "1"}, last  # one GPU id each, a fraction of it
         assert last["worker_devices"] == "cpu"
         assert last["worker_nodes"] == gpu_node.node_id  # the only node with GPUs
@@ -149,6 +138,7 @@ def test_logical_gpus_give_each_trial_a_fraction_and_one_gpu_id(gpu_node, tmp_pa
 
 @pytest.mark.ray
 def test_logical_gpus_give_each_ddp_worker_a_whole_gpu_of_its_own(gpu_node, tmp_path, tiny_mnist_dir, capsys):
+    from raylocal.results import read_search
     from raylocal.tune import get_args_parser, main
 
     args = get_args_parser().parse_args([
@@ -160,6 +150,6 @@ def test_logical_gpus_give_each_ddp_worker_a_whole_gpu_of_its_own(gpu_node, tmp_
     output = capsys.readouterr().out
     assert "each trial: 2 worker(s) x 2 CPU + 1 GPU, computing on cpu; backend: Ray Train TorchTrainer, DDP over gloo" in output
     assert "up to 1 trials at once" in output
-    (rows,) = trial_rows(tmp_path / "logical-ddp").values()
-    assert sorted(rows[-1]["worker_gpus"].split(",")) == ["0", "1"], rows[-1]
-    assert rows[-1]["worker_devices"] == "cpu,cpu"
+    (trial,) = read_search(tmp_path / "logical-ddp")
+    assert sorted(trial.last["worker_gpus"].split(",")) == ["0", "1"], trial.last
+    assert trial.last["worker_devices"] == "cpu,cpu"

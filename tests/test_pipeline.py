@@ -105,11 +105,9 @@ def check_tensorboard_and_mlflow(trial_dirs, mlflow_uri: str) -> None:
 
 
 def trial_results(experiment_dir) -> list[dict]:
-    return [
-        json.loads(line)
-        for path in experiment_dir.glob("run_trial_*/result.json")
-        for line in path.read_text().splitlines()
-    ]
+    from raylocal.results import all_reports, read_search
+
+    return all_reports(read_search(experiment_dir)).to_dict("records")
 
 
 def test_two_workers_per_trial_run_ddp_over_gloo_across_both_nodes(ray_session, tmp_path, tiny_mnist_dir):
@@ -149,3 +147,20 @@ def test_a_truncated_data_file_is_one_clear_error_and_leaves_no_results(ray_sess
     err = capsys.readouterr().err
     assert "train-labels-idx1-ubyte" in err and "Traceback" not in err
     assert not (tmp_path / "results").exists()
+
+
+def test_python_entry_point_runs_the_same_search_and_returns_its_result(ray_session, tmp_path, tiny_mnist_dir):
+    from dataclasses import fields
+
+    import raylocal
+    from raylocal.config import Hyperparameters
+
+    result = raylocal.search(smoke_test=True, data_dir=tiny_mnist_dir, unverified_data=True, verbose=0, quiet=True,
+                             storage=tmp_path / "results", name="py")
+    assert result.export_dir == tmp_path / "results" / "py" / "best_model"
+    check_export(result.export_dir)
+    assert result.experiment_dir == str(tmp_path / "results" / "py")
+    assert set(result.best_config) == {field.name for field in fields(Hyperparameters)}
+    assert 0 <= result.test["test_accuracy"] <= 1 and 0 <= result.validation["val_det_iou"] <= 1
+    card = json.loads((result.export_dir / "model_card.json").read_text())
+    assert card["trial_id"] == result.summary["trial_id"] and card["test"] == result.test

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,18 +34,17 @@ shard_size = 500
 
 
 def results_by_trial(experiment_dir: Path) -> dict[str, list[dict]]:
+    """The result rows in every trial folder as they are written: for watching a search that is
+    still running, whose Tune state (`raylocal.results`) is saved only now and then."""
     return {
         path.parent.name: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         for path in experiment_dir.glob("run_trial_*/result.json")
     }
 
 
-def search(tmp_path: Path, address: str, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "raylocal.tune", "--address", address, "--quiet",
-         "--storage", str(tmp_path / "results"), "--name", "resumable", *flags],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+def search(start_search, tmp_path: Path, address: str, *flags: str) -> subprocess.Popen:
+    return start_search("--address", address, "--quiet", "--storage", str(tmp_path / "results"), "--name", "resumable",
+                        *flags)
 
 
 def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.Popen, timeout_s: float = 240):
@@ -63,10 +61,10 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
     pytest.fail("no moment with one trial finished and one running")
 
 
-def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir):
+def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search):
     (tmp_path / "space.toml").write_text(EXPERIMENT)
     experiment_dir = tmp_path / "results" / "resumable"
-    first = search(tmp_path, ray_session.address, "--experiment", "space.toml",
+    first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml",
                    "--data-dir", str(tiny_mnist_dir), "--unverified-data")
     before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first)
     os.killpg(first.pid, signal.SIGKILL)
@@ -74,7 +72,7 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     # What Tune had saved when it died is what the resumed search starts from.
     before = results_by_trial(experiment_dir)
 
-    second = search(tmp_path, ray_session.address, "--resume")
+    second = search(start_search, tmp_path, ray_session.address, "--resume")
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output
 
@@ -83,9 +81,9 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     after = {name: rows for name, rows in results_by_trial(experiment_dir).items() if rows}
     # Tune's own saved state says which trials the search holds and how each ended; a folder
     # left by a trial started just before the kill is not one of them.
-    from ray.tune import ExperimentAnalysis
+    from raylocal.results import read_search
 
-    statuses = [trial.status for trial in ExperimentAnalysis(str(experiment_dir)).trials]
+    statuses = [trial.status for trial in read_search(experiment_dir)]
     assert statuses == ["TERMINATED"] * 3, statuses
     assert after[finished] == before[finished]
     resumed_rows = after[interrupted][len(before[interrupted]):]
@@ -112,3 +110,13 @@ def test_resuming_with_a_different_search_space_is_a_clear_error(tmp_path, capsy
     assert "different search space" in capsys.readouterr().err
     assert cli(["--resume", str(folder), "--trials", "9"]) == 2
     assert "--trials 9 differs" in capsys.readouterr().err
+
+
+def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
+    from raylocal.tune import cli
+
+    folder = tmp_path / "results" / "old"
+    folder.mkdir(parents=True)
+    (folder / "raylocal_search.json").write_text(json.dumps({"flags": {"seed": 0}, "experiment": {"name": "x"}}))
+    assert cli(["--resume", str(folder), "--seed", "5"]) == 2
+    assert "--seed 5 differs from the search being resumed (0)" in capsys.readouterr().err

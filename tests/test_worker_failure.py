@@ -30,10 +30,11 @@ shard_size = 500
 """
 
 
-def test_killing_a_train_worker_restarts_the_trial_from_its_checkpoint(ray_session, tmp_path, tiny_mnist_dir):
+def test_killing_a_train_worker_restarts_the_trial_from_its_checkpoint(ray_session, tmp_path, tiny_mnist_dir,
+                                                                     start_search):
     (tmp_path / "space.toml").write_text(EXPERIMENT)
     experiment_dir = tmp_path / "results" / "resumable"
-    process = search(tmp_path, ray_session.address, "--experiment", "space.toml", "--workers-per-trial", "2",
+    process = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--workers-per-trial", "2",
                      "--data-dir", str(tiny_mnist_dir), "--unverified-data")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:

@@ -1,0 +1,85 @@
+"""Search-folder reader: what a search left on disk, finished, interrupted or still running.
+
+The one reader of a search folder (the report, the benchmarks and the tests use it), built on
+Ray Tune's own `ExperimentAnalysis`, which needs no running cluster: Tune's saved state says
+which trials the search holds, their parameters and how each ended; each trial's reports come
+as a pandas DataFrame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from raylocal.config import OBJECTIVE
+
+COMPLETED, STOPPED, RUNNING, ERROR = "completed", "stopped early (ASHA)", "running/interrupted", "error"
+
+
+class SearchFolderError(RuntimeError):
+    """The folder holds no Tune search."""
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    number: int  # creation order, from 1
+    trial_id: str
+    params: dict[str, Any]  # the searched hyperparameters
+    status: str  # Tune's: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
+    history: pd.DataFrame  # one row per report
+    path: str
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.history.iloc[-1].to_dict() if len(self.history) else {}
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The report with the highest objective ({} before the first)."""
+        if OBJECTIVE not in self.history or self.history[OBJECTIVE].isna().all():
+            return {}
+        return self.history.loc[self.history[OBJECTIVE].idxmax()].to_dict()
+
+    def stop_reason(self, max_epochs: float) -> str:
+        return stop_reason(self.status, self.last.get("epoch", 0.0), max_epochs)
+
+
+def stop_reason(status: str, last_epoch: float, max_epochs: float) -> str:
+    """How a trial ended: Tune's status, and for a terminated one whether it ran its course."""
+    if status == "TERMINATED":
+        return COMPLETED if last_epoch >= max_epochs else STOPPED
+    return ERROR if status == "ERROR" else RUNNING
+
+
+def read_search(experiment_dir: str | Path) -> list[TrialRun]:
+    """Every trial of the search in `experiment_dir`, in creation order."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(str(experiment_dir))
+    except ValueError as error:
+        raise SearchFolderError(f"{experiment_dir} holds no Tune search: {str(error).splitlines()[0]}") from None
+    frames = analysis.trial_dataframes
+    # Tune's saved state does not keep creation order; each trial's tag starts with its index.
+    trials = sorted(analysis.trials, key=lambda trial: int(trial.experiment_tag.split("_")[0]))
+    return [
+        TrialRun(number=number, trial_id=trial.trial_id, params=dict(trial.config), status=trial.status,
+                 history=frames.get(trial.trial_id, pd.DataFrame()), path=trial.path)
+        for number, trial in enumerate(trials, 1)
+    ]
+
+
+def all_reports(trials: list[TrialRun]) -> pd.DataFrame:
+    """Every report of every trial, one table (the trial's id in `trial_id`)."""
+    frames = [trial.history.assign(trial_id=trial.trial_id) for trial in trials if len(trial.history)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def longest_run(trials: list[TrialRun]) -> float:
+    """The most epochs any trial reached: stands for a full run when the budget is not known."""
+    epochs = [trial.last.get("epoch", 0.0) for trial in trials]
+    return max((e for e in epochs if isinstance(e, int | float) and math.isfinite(e)), default=0.0)
