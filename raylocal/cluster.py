@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,10 +138,10 @@ def joined(address: str, *, quiet: bool = False, log=print) -> Iterator[Any]:
 
 def connect(address: str | None, *, quiet: bool = False, log=print):
     """The CLI's Ray: nothing to do when this process is already connected, else join `address`
-    or start a local instance."""
-    import ray
-
-    if ray.is_initialized():
+    or start a local instance. Ray is not imported here: a local start must set the loopback
+    switch first."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         return contextlib.nullcontext()
     return joined(address, quiet=quiet, log=log) if address else local_instance(quiet=quiet, log=log)
 
@@ -165,13 +167,31 @@ def kept_address_file() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def token_auth(token: str) -> Iterator[None]:
+    """Token mode for this process and the ones it starts. Ray reads its settings once, when
+    imported; like `ray.init` does when it turns token mode on, re-read them (and again after)."""
+    from ray._raylet import Config
+
+    try:
+        with environment(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token):
+            Config.initialize("")
+            yield
+    finally:
+        Config.initialize("")
+
+
+@contextlib.contextmanager
 def local_cluster(nodes: list[dict[str, Any]], *, connect_driver: bool = False) -> Iterator[Any]:
     """A Ray cluster of real separate nodes on this machine (`ray.cluster_utils.Cluster`), one
     per `nodes` entry (keyword arguments of `Cluster.add_node`), started as a local instance is:
-    loopback, address pinned, dashboard on a free port (another Ray may hold 8265). With
+    loopback, address pinned, token authentication, dashboard on a free port (another Ray may
+    hold 8265). With
     `connect_driver`, this process joins it too. Yields the cluster; shuts it down on exit."""
     port = free_port()
-    with pinned(port), kept_address_file():
+    # Token authentication, which `ray.init` turns on for a local instance and the test-cluster
+    # utility does not; a token of its own (unless one is given), so ~/.ray is left alone.
+    token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
+    with pinned(port), kept_address_file(), token_auth(token):
         import ray
         from ray.cluster_utils import Cluster
 

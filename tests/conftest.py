@@ -25,9 +25,15 @@ def pytest_configure(config):
     """Ray reads its loopback switch when first imported, and collecting the tests imports Ray:
     set it first, so that every Ray instance of the session is on loopback, as the product's are
     (`raylocal.cluster` checks). Put back at the end of the session."""
+    import secrets
+
     from raylocal.cluster import LOOPBACK_SWITCH
 
-    for key, value in {LOOPBACK_SWITCH: "0", SESSION_MARK: str(os.getpid())}.items():
+    # Token authentication too, with a token of the session's own: Ray reads its mode when it
+    # starts, so the session's processes and the clusters they start must agree from the first.
+    session_env = {LOOPBACK_SWITCH: "0", SESSION_MARK: str(os.getpid()), "RAY_AUTH_MODE": "token",
+                   "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    for key, value in session_env.items():
         _SAVED_ENV[key] = os.environ.get(key)
         os.environ[key] = value
 
@@ -99,9 +105,14 @@ def start_search(tmp_path):
     group when the test ends, however it ends (a failed assertion, a timeout, Ctrl-C)."""
     started: list[subprocess.Popen] = []
 
+    from raylocal.cluster import LOOPBACK_SWITCH
+
+    # Without the session's loopback switch: a search binds itself to loopback, as for a user.
+    env = {key: value for key, value in os.environ.items() if key != LOOPBACK_SWITCH}
+
     def start(*flags: str, cwd: Path | None = None) -> subprocess.Popen:
         process = subprocess.Popen(
-            [sys.executable, "-m", "raylocal.tune", *flags], cwd=cwd or tmp_path,
+            [sys.executable, "-m", "raylocal.tune", *flags], cwd=cwd or tmp_path, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         started.append(process)

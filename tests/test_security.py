@@ -38,3 +38,25 @@ def test_exported_weights_holding_objects_are_refused(tmp_path):
     torch.save({"weights": Payload()}, export_dir / "state_dict.pt")
     with pytest.raises(pickle.UnpicklingError):
         load_state_dict_model(export_dir)
+
+
+@pytest.mark.ray
+def test_the_dashboards_job_api_refuses_requests_without_the_token(ray_session):
+    """The test session's cluster is token-protected like the product's local instance; its
+    token is the session's own (RAY_AUTH_TOKEN), not one written into ~/.ray."""
+    import os
+
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{ray_session.head_node.address_info['webui_url']}/api/jobs/"
+    assert url.startswith("http://127.0.0.1:")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)
+    assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer wrong"}), timeout=10)
+    assert wrong.value.code == 403
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
