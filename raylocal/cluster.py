@@ -121,19 +121,23 @@ def local_instance(*, quiet: bool = False, log=print, **init_args: Any) -> Itera
 
 @contextlib.contextmanager
 def joined(address: str, *, quiet: bool = False, log=print) -> Iterator[Any]:
-    """Join the running cluster at `address` (auto or HOST:PORT); disconnect on exit."""
-    import ray
-
+    """Join the running cluster at `address` (auto or HOST:PORT); disconnect on exit. A cluster
+    on loopback is joined from loopback: this process must then see itself as 127.0.0.1 too."""
     check_reachable(address)
-    try:
-        context = ray.init(address=address, log_to_driver=not quiet)
-    except (ConnectionError, ValueError, RuntimeError) as error:
-        raise ConfigError(f"--address {address}: cannot join a Ray cluster there: {error}") from None
-    try:
-        announce(context, f"joined cluster at {context.address_info['address']}", log)
-        yield context
-    finally:
-        ray.shutdown()
+    host = address.rpartition(":")[0].strip("[]")
+    loopback = {LOOPBACK_SWITCH: "0"} if host in (LOOPBACK, "localhost", "::1") else {}
+    with environment(**loopback):
+        import ray
+
+        try:
+            context = ray.init(address=address, log_to_driver=not quiet)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            raise ConfigError(f"--address {address}: cannot join a Ray cluster there: {error}") from None
+        try:
+            announce(context, f"joined cluster at {context.address_info['address']}", log)
+            yield context
+        finally:
+            ray.shutdown()
 
 
 def connect(address: str | None, *, quiet: bool = False, log=print):
