@@ -25,8 +25,9 @@ from raylocal.config import ConfigError
 
 BACKENDS = ("auto", "inline", "ray-train")
 DEVICES = ("auto", "cuda", "cpu")
-# On one H200, 4 and 8 trainers sharing the GPU trained 85k canvases/s between them, and 16 trials
-# per GPU did not shorten the default search against 8 (experiments/RESULTS.md, "GPU").
+# On one H200, 4 and 8 trainers sharing the GPU trained 85k canvases/s between them; 16 trials per
+# GPU ran the default search in 88 s against 95 s for 8, one run each with other differences
+# (experiments/RESULTS.md, "GPU").
 TRIALS_PER_GPU = 8
 # A trial that drives a TorchTrainer computes nothing itself: it holds no CPU (else the
 # workers of a trial could never fit on a 2-core machine), only the memory it uses.
