@@ -78,12 +78,10 @@ def check_loopback(address: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def pinned(start_port: int) -> Iterator[None]:
+def pinned(port: int):
     """The environment of a local instance's processes while it runs (loopback, its address in
     RAY_ADDRESS); RAY_GCS_SERVER_PORT is set by `starting` for the start only."""
-    with environment(**{LOOPBACK_SWITCH: "0", "RAY_ADDRESS": f"{LOOPBACK}:{start_port}"}):
-        yield
+    return environment(**{LOOPBACK_SWITCH: "0", "RAY_ADDRESS": f"{LOOPBACK}:{port}"})
 
 
 def starting(port: int):
