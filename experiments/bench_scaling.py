@@ -64,7 +64,7 @@ def run_layout(args, nodes: list[dict], workers: int, experiment: Path, out: Pat
 
     with benchlib.local_cluster(nodes) as cluster:
         argv = ["--experiment", str(experiment), "--storage", str(out), "--name", "scaling", "--address",
-                cluster.address, "--workers-per-trial", str(workers), "--seed", str(args.seed), "--quiet", "--device", device,
+                cluster.address, "--workers-per-trial", str(workers), "--seed", str(args.seed), "--quiet", "--device", device, "--no-final", "--time-budget", "0",
                 *benchlib.data_flags(args)]
         started = time.perf_counter()
         summary = tune.main(tune.get_args_parser().parse_args(argv))

@@ -126,7 +126,7 @@ def raylocal_search(args, experiment_path: Path, out: Path) -> tuple[float, dict
     from raylocal import tune
 
     argv = ["--experiment", str(experiment_path), "--storage", str(out), "--name", "bench_search",
-            "--seed", str(args.seed), "--quiet", *benchlib.data_flags(args)]
+            "--seed", str(args.seed), "--quiet", "--no-final", "--time-budget", "0", *benchlib.data_flags(args)]
     started = time.perf_counter()
     summary = tune.main(tune.get_args_parser().parse_args(argv))
     return time.perf_counter() - started, summary

@@ -4,7 +4,9 @@
 #      through the export against onnxruntime on the CPU, finite bf16 metrics);
 #   2. bench_train.py on the GPU: plain PyTorch against raylocal's loop, torch.compile, evaluation
 #      batch sizes, and K trainers sharing the GPU;
-#   3. the default search, `python -m raylocal.tune --trials 50`, timed as a whole command;
+#   3. the default search, `python -m raylocal.tune --trials 50 --no-final`, timed as a whole command
+#      (the search alone, as measured before the final phase existed), then the default command
+#      with its final phase capped at 10 epochs (`--final-epochs 10`);
 # then one table of what was measured. Logs go to $OUT (else experiments/gpu_check_out).
 #
 #   RAYLOCAL_DATA_DIR=/path/to/mnist bash experiments/gpu_check.sh
@@ -31,6 +33,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/N
 
 stage tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 stage bench_train 160 python3 experiments/bench_train.py --device cuda --concurrent 1,4,8,16
-stage search 240 python3 -m raylocal.tune --trials 50 --name gpu-check --storage "$out/results" --quiet
+stage search 240 python3 -m raylocal.tune --trials 50 --no-final --name gpu-check --storage "$out/results" --quiet
+stage final 300 python3 -m raylocal.tune --trials 50 --final-epochs 10 --name gpu-final --storage "$out/results" --quiet
 
 python3 experiments/gpu_table.py "$out"

@@ -55,6 +55,10 @@ def main(out: Path) -> None:
     bench, bench_status = stage(out, "bench_train")
     search, search_status = stage(out, "search")
     card, rows = search_rows(out)
+    final_log, final_status = stage(out, "final")
+    final_card_path = out / "results" / "gpu-final" / "best_model" / "model_card.json"
+    final_card = json.loads(final_card_path.read_text()) if final_card_path.is_file() else {}
+    final_test = final_card.get("test", {})
     concurrent = re.findall(r"concurrent trainers on one GPU: +(\d+) -> +(\d+) canvases/s in all, +(\d+) each", bench)
     test = card.get("test", {})
     table = [
@@ -80,6 +84,11 @@ def main(out: Path) -> None:
         ("  search training throughput", search_throughput(card, rows)),
         ("  best trial", f"{card.get('trial_id')} epoch {card.get('epoch')}: {card.get('hyperparameters')}"
          if card else "not measured"),
+        ("default command with a 10-epoch final phase", final_status),
+        ("  final plan", found(r"^(final: \d+ configuration.*)", final_log)),
+        ("  test accuracy / mean IoU / det IoU",
+         " / ".join(f"{final_test[f'test_{m}']:.4f}" for m in ("accuracy", "mean_iou", "det_iou"))
+         if final_test else "not measured"),
     ]
     width = max(len(name) for name, _ in table)
     print("\n# gpu_check")

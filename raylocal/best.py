@@ -42,24 +42,47 @@ def load_model(checkpoint):
     return model.eval(), params, state["epoch"]
 
 
-def export_best(results, data: SearchData, settings: TrialSettings, plan, *, search_seconds: float, log=print) -> dict[str, Any]:
+def check_finished(results) -> list:
+    """The trials' errors; raises when no trial reported the objective."""
     errors = [result.error for result in results if result.error]
     finished = [result for result in results if result.metrics and OBJECTIVE in result.metrics]
     if not finished:
         raise RuntimeError(f"no trial reported {OBJECTIVE}; first error: {errors[0] if errors else 'none'}")
+    return errors
+
+
+def final_model(final):
+    """The final phase's model, hyperparameters (global batch) and epochs trained."""
+    params = final.winner.params
+    model = build_model(params.model_config())
+    model.load_state_dict(final.winner.state["model"])
+    return model.eval(), params, final.winner.state["epoch"]
+
+
+def export_best(results, data: SearchData, settings: TrialSettings, plan, *, search_seconds: float, final=None,
+                log=print) -> dict[str, Any]:
+    """Score on the test split and export: the final phase's model, or without one the best
+    checkpoint of the search."""
+    errors = check_finished(results)
     best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="all", filter_nan_and_inf=True)
     checkpoint, epoch_metrics = best_checkpoint(best)
-    model, params, epoch = load_model(checkpoint)
+    search_validation = {key: float(value) for key, value in epoch_metrics.items() if key.startswith("val_")}
+    if final is None:
+        model, params, epoch = load_model(checkpoint)
+        validation, trial_id, source = search_validation, best.metrics.get("trial_id"), "search"
+    else:
+        model, params, epoch = final_model(final)
+        validation, trial_id, source = final.winner.validation, final.winner.candidate.trial_id, "final"
     started = time.perf_counter()
     device = torch.device("cpu")
     test = summarize(evaluate(model, to_tensors(data.test.fetch(), device), params, device), "test")
-    log(f"best trial {best.metrics.get('trial_id')} epoch {epoch}: scored {data.test.rows:,} test canvases in "
-        f"{time.perf_counter() - started:.1f}s")
-    validation = {key: float(value) for key, value in epoch_metrics.items() if key.startswith("val_")}
+    log(f"{'final model of trial' if final else 'best trial'} {trial_id} epoch {epoch:g}: scored {data.test.rows:,} "
+        f"test canvases in {time.perf_counter() - started:.1f}s")
     summary = {
         "task": TASK,
         "experiment": plan.name,
-        "trial_id": best.metrics.get("trial_id"),
+        "model_from": source,
+        "trial_id": trial_id,
         "epoch": epoch,
         "objective": f"{OBJECTIVE}: mean over validation canvases of IoU x [predicted digit is right]",
         "hyperparameters": params.__dict__.copy(),
@@ -75,7 +98,10 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
             "backend": settings.layout.backend, "workers_per_trial": settings.layout.workers,
             "device": settings.layout.device, "gpus_per_worker": settings.layout.gpus_per_worker, "seed": settings.seed,
             "wall_seconds_until_export": round(search_seconds, 1), "storage": f"{plan.storage}/{plan.name}",
+            "best_trial": {"trial_id": best.metrics.get("trial_id"), "epoch": float(epoch_metrics.get("epoch", 0)),
+                           "validation": search_validation},
         },
+        "final": final.card() if final else None,
     }
     summary["export_dir"] = str(export_model(model, plan.export_dir, summary, log=log))
     return summary
@@ -83,7 +109,8 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
 
 def summary_table(summary: dict[str, Any]) -> str:
     hyper = summary["hyperparameters"]
-    rows = [("trial", f"{summary['trial_id']} (epoch {summary['epoch']})")]
+    how = "final training" if summary.get("model_from") == "final" else "search checkpoint"
+    rows = [("trial", f"{summary['trial_id']} ({how}, epoch {summary['epoch']:g})")]
     rows += [(f"  {key}", f"{value:.4g}" if isinstance(value, float) else str(value)) for key, value in hyper.items()]
     rows.append(("metric", "validation | test"))
     for name in ("det_iou", "mean_iou", "accuracy", "iou50", "iou60", "iou75"):

@@ -1,14 +1,18 @@
 """Dataset stage (Ray Data adapter): synthesize every shard of every split in parallel.
 
-The datasets are built once in the driver, before any trial starts, and handed to the
-trials as object references: synthesizing inside trials would make Ray Data compete with
-Tune's placement groups for the same cores and deadlock small machines.
+For the search, the datasets are built once in the driver, before any trial starts, and
+handed to the trials as object references: synthesizing inside trials would make Ray Data
+compete with Tune's placement groups for the same cores and deadlock small machines.
+
+For the final training phase, `train_stream` is a lazy dataset that Ray Train streams to its
+workers while they train: each epoch's canvases are synthesized shortly before they are
+read, so the object store holds a bounded window of shards whatever the number of epochs.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -44,6 +48,11 @@ class SearchData:
     source: str
     sha256: dict[str, str]
     verified: bool
+    # What the final phase needs to synthesize more epochs: the MNIST arrays in the object
+    # store (wrapped in a list, see `synthesize_shards`), the split plan and the data settings.
+    mnist_ref: tuple = ()
+    plan: SplitPlan | None = None
+    settings: DataSettings = field(default_factory=DataSettings)
 
 
 def synthesize_shards(batch: dict[str, np.ndarray], arrays_ref: list, plan: SplitPlan, seed: int, shard_size: int,
@@ -65,6 +74,23 @@ def synthesize_shards(batch: dict[str, np.ndarray], arrays_ref: list, plan: Spli
     return {key: np.concatenate([part[key] for part in outputs]) for key in outputs[0]}
 
 
+def synthesis_dataset(items: list[dict], arrays_ref: list, plan: SplitPlan, seed: int, settings: DataSettings,
+                      **map_options) -> ray.data.Dataset:
+    """A lazy dataset with one block per item (split, epoch, shard), synthesized by Ray Data tasks."""
+    # Tasks, not an actor pool: tasks run in Ray's already started worker processes, while a
+    # pool starts processes of its own for every dataset (measured: 0.6-0.9 s warm against 2.0 s for
+    # the 70k canvases of one epoch, experiments/bench_synthesis.py and RESULTS.md).
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        synthesize_shards,
+        fn_kwargs={
+            "arrays_ref": arrays_ref, "plan": plan, "seed": seed, "shard_size": settings.shard_size,
+            "tight_boxes": settings.tight_boxes,
+        },
+        batch_size=1,
+        **map_options,
+    )
+
+
 def build_search_data(mnist: Mnist, settings: DataSettings, epochs: int, seed: int, log=print) -> SearchData:
     started = time.perf_counter()
     train_images, train_labels = mnist.train_images[: settings.train_digits], mnist.train_labels[: settings.train_digits]
@@ -76,18 +102,8 @@ def build_search_data(mnist: Mnist, settings: DataSettings, epochs: int, seed: i
         for task, (split, epoch) in enumerate(tasks)
         for shard in range(num_shards(plan, split, settings.shard_size))
     ]
-    arrays_ref = ray.put({"train": (train_images, train_labels), "test": (test_images, test_labels)})
-    # Tasks, not an actor pool: tasks run in Ray's already started worker processes, while a
-    # pool starts processes of its own for every dataset (measured: 0.6-0.9 s warm against 2.0 s for
-    # the 70k canvases of one epoch, experiments/bench_synthesis.py and RESULTS.md).
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        synthesize_shards,
-        fn_kwargs={
-            "arrays_ref": [arrays_ref], "plan": plan, "seed": seed, "shard_size": settings.shard_size,
-            "tight_boxes": settings.tight_boxes,
-        },
-        batch_size=1,
-    )
+    arrays_ref = [ray.put({"train": (train_images, train_labels), "test": (test_images, test_labels)})]
+    dataset = synthesis_dataset(items, arrays_ref, plan, seed, settings)
     # Each shard goes back into the object store on its own; the driver never holds more
     # than one batch of canvases at a time.
     parts: dict[int, list] = {task: [] for task in range(len(tasks))}
@@ -106,4 +122,54 @@ def build_search_data(mnist: Mnist, settings: DataSettings, epochs: int, seed: i
     return SearchData(
         train_epochs=tuple(refs[2:]), val=refs[0], test=refs[1], seed=seed,
         source=mnist.source, sha256=mnist.sha256, verified=mnist.verified,
+        mnist_ref=tuple(arrays_ref), plan=plan, settings=settings,
     )
+
+
+# The stream's synthesis tasks hold no CPU: the training workers hold every CPU of the cluster,
+# and a task that waited for one would never run. Two at a time, since one epoch's shards take
+# about a second of the minutes an epoch trains (RESULTS.md, synthesis); the object-store limit
+# below is what bounds how far ahead they run.
+STREAM_TASKS = 2
+STREAM_STORE_BYTES = 256 * 1024**2
+
+
+def train_stream(data: SearchData, epochs: range) -> ray.data.Dataset:
+    """Freshly placed training canvases of `epochs`, epoch after epoch, as a lazy dataset for
+    Ray Train (`TorchTrainer(datasets=...)`): nothing is synthesized until workers read it."""
+    shards = num_shards(data.plan, "train", data.settings.shard_size)
+    items = [{"task": epoch, "split": "train", "epoch": epoch, "shard": shard}
+             for epoch in epochs for shard in range(shards)]
+    return synthesis_dataset(
+        items, list(data.mnist_ref), data.plan, data.seed, data.settings,
+        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=STREAM_TASKS),
+    )  # no select_columns: it would run as tasks of its own that wait for a CPU (StreamReader drops the rest)
+
+
+def stream_options():
+    """Ray Data's execution options for the stream: a fixed object-store budget, so the canvases
+    waiting to be read never grow with the number of epochs."""
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    return ExecutionOptions(resource_limits=ExecutionResources(object_store_memory=STREAM_STORE_BYTES))
+
+
+class StreamReader:
+    """Hands out a worker's stream in fixed-size pieces (one epoch's rows per call)."""
+
+    def __init__(self, iterator) -> None:
+        self.blocks = iter(iterator.iter_batches(batch_size=None, batch_format="numpy"))
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.pending_rows = 0
+
+    def take(self, rows: int) -> dict[str, np.ndarray]:
+        while self.pending_rows < rows:
+            block = next(self.blocks, None)
+            if block is None:
+                raise RuntimeError(f"the training stream ended {rows - self.pending_rows} rows short")
+            self.pending.append(block)
+            self.pending_rows += len(block["label"])
+        columns = {key: np.concatenate([block[key] for block in self.pending]) for key in COLUMNS}
+        rest = {key: value[rows:] for key, value in columns.items()}
+        self.pending, self.pending_rows = ([rest] if len(rest["label"]) else []), len(rest["label"])
+        return {key: value[:rows] for key, value in columns.items()}

@@ -119,17 +119,21 @@ def make_optimizer(model: nn.Module, params: Hyperparameters, steps_per_epoch: i
     # Fused on CUDA: one kernel for all parameters instead of several per tensor.
     fused = next(model.parameters()).device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=fused)
-    # One-cycle over the full budget, so trials that ASHA stops early were compared at the
-    # same point of the same schedule. The warm-up is short (5%): with a long one the digit
-    # head has barely started to learn at ASHA's first cut, and the cut is noise. OneCycleLR
-    # divides by (warm-up steps - 1), so tiny budgets get two warm-up steps.
-    total_steps = steps_per_epoch * epochs
+    return optimizer, one_cycle(optimizer, params, steps_per_epoch * epochs)
+
+
+def one_cycle(optimizer, params: Hyperparameters, total_steps: int, done_steps: int = 0):
+    """One-cycle over the full budget, so trials that ASHA stops early were compared at the
+    same point of the same schedule. The warm-up is short (5%): with a long one the digit
+    head has barely started to learn at ASHA's first cut, and the cut is noise. OneCycleLR
+    divides by (warm-up steps - 1), so tiny budgets get two warm-up steps. With `done_steps`,
+    the schedule of `total_steps` continued after that many steps (a budget changed mid-run)."""
     if total_steps < 3:
         raise ValueError(f"the budget makes {total_steps} optimizer step(s); a schedule needs at least 3")
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=max(0.05, 2 / total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=max(0.05, 2 / total_steps),
+        last_epoch=done_steps - 1,
     )
-    return optimizer, scheduler
 
 
 def report_schedule(max_epochs: int, first_epoch_reports: int, reports_per_epoch: int) -> list[tuple[int, int, int]]:
@@ -158,6 +162,8 @@ def fit(
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
     resume: dict[str, Any] | None = None,
     seed: int = 0,
+    stop: Callable[[], bool] = lambda: False,
+    replan: Callable[[float], int] | None = None,
 ) -> None:
     """Train for `max_epochs`, reporting metrics (aggregated over all workers) and a checkpoint
     on the `report_schedule`, so that early stopping can act before a full epoch.
@@ -166,6 +172,10 @@ def fit(
     (and already shuffled) canvases; each report trains on the next contiguous part of them.
     `wrap` turns the model into its distributed form (DDP) after it is on the device.
     `resume` is a checkpoint state written by an earlier call; training continues after it.
+    `stop()` is asked after every report; True ends training there (a time budget ran out).
+    `replan(seconds)` is asked once, after the first epoch of a fresh run, with the seconds that
+    epoch took; the number of epochs it returns replaces `max_epochs`, and the learning-rate
+    schedule is stretched or shrunk to it from where it stands.
     """
     torch.manual_seed(seed)
     # Channels-last: on CPUs the faster layout for these convolutions, on GPUs the one
@@ -182,17 +192,27 @@ def fit(
     model = wrap(model)
     val = to_tensors(val_data, device)
     epoch_data, loaded_epoch = None, None
-    for index in range(first_report, len(schedule)):
+    started = time.perf_counter()
+    index = first_report
+    while index < len(schedule):
         epoch, part, parts = schedule[index]
-        started = time.perf_counter()
+        report_started = time.perf_counter()
         if loaded_epoch != epoch:
             epoch_data, loaded_epoch = to_tensors(train_data(epoch), device), epoch
         rows = slice(part * steps_per_epoch // parts * params.batch_size,
                      (part + 1) * steps_per_epoch // parts * params.batch_size)
         metrics = train_and_score(model, optimizer, scheduler, tuple(column[rows] for column in epoch_data), val,
                                   params, device)
-        metrics |= {"epoch": epoch + (part + 1) / parts, "report_seconds": time.perf_counter() - started}
-        report(metrics, checkpoint_state(model, optimizer, scheduler, params, device, index + 1, metrics["epoch"]))
+        metrics |= {"epoch": epoch + (part + 1) / parts, "report_seconds": time.perf_counter() - report_started}
+        if replan is not None and first_report == 0 and metrics["epoch"] == 1:
+            max_epochs = max(1, replan(time.perf_counter() - started))
+            schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
+            scheduler = one_cycle(optimizer, params, steps_per_epoch * max_epochs, done_steps=steps_per_epoch)
+        state = checkpoint_state(model, optimizer, scheduler, params, device, index + 1, metrics["epoch"])
+        report(metrics, state | {"max_epochs": max_epochs})
+        index += 1
+        if index < len(schedule) and stop():
+            return
 
 
 def restore(resume: dict[str, Any], model, optimizer, scheduler, device: torch.device) -> int:

@@ -18,7 +18,7 @@ A trial meant for CUDA that finds none fails; it never falls back to the CPU sil
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from raylocal.config import ConfigError
@@ -140,12 +140,17 @@ def choose_layout(
     )
 
 
-def cluster_layout(args, log=print) -> Layout:
-    """`choose_layout` for the running Ray cluster and the command's flags; prints the layout line."""
+def cluster_resources() -> tuple[int, float]:
+    """CPUs and GPUs of the running Ray cluster."""
     import ray
 
     resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
+    return int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
+
+
+def cluster_layout(args, log=print) -> Layout:
+    """`choose_layout` for the running Ray cluster and the command's flags; prints the layout line."""
+    cpus, gpus = cluster_resources()
     layout = choose_layout(
         cpus, gpus, workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker, trials_per_gpu=args.trials_per_gpu, backend=args.backend,
@@ -153,3 +158,25 @@ def cluster_layout(args, log=print) -> Layout:
     )
     log(layout.describe(cpus, gpus))
     return layout
+
+
+def final_layout(cpus: int, gpus: float, *, cpus_per_worker: int = 1, device: str = "auto") -> Layout:
+    """The final phase trains one model on the whole cluster: one DDP worker per whole GPU
+    (with an even share of the CPUs, at most `cpus_per_worker`), or without GPUs one worker per
+    `cpus_per_worker` CPUs. Always a TorchTrainer, so it also spans every node."""
+    whole_gpus = int(gpus) if device != "cpu" else 0
+    if whole_gpus:
+        workers = whole_gpus
+        cpus_per_worker = max(1, min(cpus_per_worker, cpus // workers))
+    else:
+        workers = max(1, cpus // cpus_per_worker)
+    layout = choose_layout(cpus, gpus, workers=workers, cpus_per_worker=cpus_per_worker,
+                           gpus_per_worker=1.0 if whole_gpus else 0.0, backend="ray-train", device=device)
+    reason = f"one worker per GPU, {whole_gpus} GPUs" if whole_gpus else f"{cpus} CPUs / {cpus_per_worker} per worker"
+    return replace(layout, concurrent=1, reason=reason)
+
+
+def cluster_final_layout(args) -> Layout:
+    """`final_layout` for the running Ray cluster and the command's flags."""
+    cpus, gpus = cluster_resources()
+    return final_layout(cpus, gpus, cpus_per_worker=args.cpus_per_worker, device=args.device)

@@ -237,11 +237,14 @@ def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path)
                   "Hyperparameters: " + (", ".join(f"`{n}` = {cell(record[n])}" for n in names) or "none searched")
                   + "."]
         if card.get("test"):
-            lines += ["", f"Test split (the export's model_card.json, trial `{card.get('trial_id')}` epoch "
+            which = "final training of trial" if card.get("final") else "trial"
+            lines += ["", f"Test split (the export's model_card.json, {which} `{card.get('trial_id')}` epoch "
                       f"{card.get('epoch')}): " + ", ".join(f"{k.removeprefix('test_')} {v:.4f}"
                                                         for k, v in card["test"].items()) + "."]
     else:
         lines += [f"No trial has reported {OBJECTIVE} yet."]
+    if card.get("final"):
+        lines += final_section(card["final"])
     columns = ["trial", "trial_id", *names, "stop_reason", "reports", BEST, "best_epoch"]
     lines += ["", f"## Top {min(TOP_TABLE, len(records))} trials", "", "| " + " | ".join(columns) + " |",
               "|" + "---|" * len(columns)]
@@ -250,6 +253,22 @@ def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path)
     lines += [f"- [{name}]({name}): {what}" if name not in skipped else f"- {name} not drawn: {skipped[name]}"
               for name, what in PLOTS.items()]
     return "\n".join(lines) + "\n"
+
+
+def final_section(final: dict[str, Any]) -> list[str]:
+    """The final phase from the model card: its plan, its runs and the exported run's curve."""
+    columns = ("epoch", OBJECTIVE, "val_mean_iou", "val_accuracy", "train_loss", "report_seconds")
+    lines = ["", "## Final training", "", final["plan"] + ".", "",
+             f"Exported: trial `{final['trial_id']}`, seed {final['seed']}, {final['epochs_trained']:g} of "
+             f"{final['epochs_after_first_epoch']} epochs (planned {final['epochs_planned']} before it started)" + (" (stopped by the time budget)" if final["stopped_by_time_budget"]
+                                                    else "") + f", {final['seconds']:g} s."]
+    if len(final["runs"]) > 1:
+        lines += ["", "| trial_id | search score | seed | final " + OBJECTIVE + " |", "|---|---|---|---|"]
+        lines += [f"| {r['trial_id']} | {cell(r['search_score'])} | {r['seed']} | {cell(r[OBJECTIVE])} |"
+                  for r in final["runs"]]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in final["curve"]]
+    return lines
 
 
 def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None, log=print) -> Path:

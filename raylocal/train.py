@@ -102,9 +102,13 @@ def fit_this_rank(
     world_size: int,
     device: torch.device,
     wrap=lambda model: model,
+    train_data=None,
+    stop=lambda: False,
+    replan=None,
 ) -> None:
     """`engine.fit` on this rank's share of the data; `session` is `ray.tune` or `ray.train`,
-    whose report/get_checkpoint/Checkpoint have the same shape but are different classes."""
+    whose report/get_checkpoint/Checkpoint have the same shape but are different classes.
+    `train_data(epoch)` gives this rank's rows of an epoch (default: the search's epochs)."""
     torch.set_num_threads(settings.layout.cpus_per_worker)
     workers = gather_workers(world_size, device)
     placement = {
@@ -114,14 +118,20 @@ def fit_this_rank(
         "worker_devices": ",".join(device for *_, device in workers),
     }
 
+    resume = load_checkpoint_state(session.get_checkpoint())
+    # Every report's metrics travel in each checkpoint: Ray Train keeps the metrics of kept
+    # checkpoints only, and a learning curve should survive a resume.
+    history = list(resume.get("history", [])) if resume else []
+
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        history.append({key: value for key, value in metrics.items() if isinstance(value, int | float)})
         metrics = metrics | placement
         # Every rank must report; only rank 0 writes the (identical) DDP state.
         if rank != 0:
             session.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint_dir(state, directory)
+            save_checkpoint_dir(state | {"history": history, "world_size": world_size}, directory)
             session.report(metrics, checkpoint=session.Checkpoint.from_directory(directory))
 
     fit(
@@ -129,14 +139,16 @@ def fit_this_rank(
         max_epochs=settings.max_epochs,
         first_epoch_reports=settings.first_epoch_reports,
         reports_per_epoch=settings.reports_per_epoch,
-        train_data=lambda epoch: data.train_epochs[epoch].fetch(rank, world_size),
+        train_data=train_data or (lambda epoch: data.train_epochs[epoch].fetch(rank, world_size)),
         val_data=data.val.fetch(rank, world_size),
         train_rows=data.train_epochs[0].rows // world_size,
         report=report,
         device=device,
         wrap=wrap,
-        resume=load_checkpoint_state(session.get_checkpoint()),
+        resume=resume,
         seed=settings.seed,
+        stop=stop,
+        replan=replan,
     )
 
 
@@ -146,8 +158,6 @@ def train_inline(params: Hyperparameters, data: SearchData, settings: TrialSetti
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; DDP over the process group Ray Train set up."""
-    from torch.nn.parallel import DistributedDataParallel
-
     context = train.get_context()
     settings = loop_config["settings"]
     device = trial_device(settings.layout, train_worker=True)
@@ -159,10 +169,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=device,
-        # One worker has nothing to all-reduce; DDP's hooks would still add kernels to every step.
-        wrap=(lambda model: DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None))
-        if context.get_world_size() > 1 else (lambda model: model),
+        wrap=ddp_wrap(device, context.get_world_size()),
     )
+
+
+def ddp_wrap(device: torch.device, world_size: int):
+    """DDP for several workers; one worker has nothing to all-reduce, and DDP's hooks would
+    still add kernels to every step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if world_size == 1:
+        return lambda model: model
+    return lambda model: DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def train_distributed(params: Hyperparameters, data: SearchData, settings: TrialSettings) -> None:

@@ -14,15 +14,18 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Experiment, load_experiment, optuna_space
+from raylocal.final import DEFAULT_FINAL_EPOCHS, MAX_FINAL_EPOCHS, FinalSettings, TimeBudget
 from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU
 
 SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
+# The default command on 2 CPU cores, search and final training, ends within 20 minutes.
+DEFAULT_BUDGET_MINUTES = 19.0
 SHOWN_METRICS = {OBJECTIVE: "val det IoU", "val_mean_iou": "val IoU", "val_accuracy": "val acc", "epoch": "epoch"}
 
 
@@ -55,6 +58,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also keep the Optuna study in this storage (e.g. sqlite:///optuna.db) for optuna-dashboard")
     parser.add_argument("--mlflow-uri", metavar="URI",
                         help="also log every trial to MLflow at this tracking URI (e.g. sqlite:///mlflow.db; needs mlflow)")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help=f"bound on the whole command, search plus final training (default {DEFAULT_BUDGET_MINUTES:g}; "
+                        "0: none; --smoke-test: none)")
+    parser.add_argument("--final-epochs", type=int, metavar="E",
+                        help="epochs of the final training (default: as many as the time budget allows, at most "
+                        f"{MAX_FINAL_EPOCHS}; {DEFAULT_FINAL_EPOCHS} without a budget)")
+    parser.add_argument("--final-top-k", type=int, default=1, metavar="K",
+                        help="re-train the K best configurations of the search and keep the best (default 1)")
+    parser.add_argument("--final-seeds", type=int, default=1, metavar="S",
+                        help="seeds per re-trained configuration; configurations compare by their mean (default 1)")
+    parser.add_argument("--no-final", action="store_true",
+                        help="no final training: export the search's best checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", help="join a running Ray cluster (auto or HOST:PORT) instead of starting one")
     parser.add_argument("--smoke-test", action="store_true", help="tiny data, 2 trials, 1 epoch: checks the whole pipeline")
@@ -74,6 +89,7 @@ SEARCH_FLAGS = (
     "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "trials_per_gpu",
     "backend", "device",
     "export_dir", "data_dir", "unverified_data", "seed", "smoke_test", "optuna_storage", "mlflow_uri",
+    "time_budget", "final_epochs", "final_top_k", "final_seeds", "no_final",
 )
 PATH_FLAGS = ("experiment", "export_dir", "data_dir")
 
@@ -84,6 +100,8 @@ class Plan:
     name: str
     storage: str
     export_dir: Path
+    final: FinalSettings = field(default_factory=FinalSettings)
+    budget_minutes: float | None = None
     resume: bool = False
 
     @property
@@ -149,7 +167,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if "://" not in storage:
         storage = str(Path(storage).expanduser().absolute())
     export_dir = args.export_dir or Path(storage if "://" not in storage else "raylocal_results") / name / "best_model"
-    return Plan(experiment, name, storage, export_dir.absolute())
+    if args.time_budget is not None and args.time_budget < 0:
+        raise ConfigError(f"--time-budget must be >= 0 minutes, got {args.time_budget:g}")
+    budget = DEFAULT_BUDGET_MINUTES if args.time_budget is None and not args.smoke_test else args.time_budget
+    final_epochs = args.final_epochs if args.final_epochs is not None else (1 if args.smoke_test else None)
+    final = FinalSettings(epochs=final_epochs, top_k=args.final_top_k,
+                          seeds=args.final_seeds, enabled=not args.no_final)
+    return Plan(experiment, name, storage, export_dir.absolute(), final=final, budget_minutes=budget or None)
 
 
 def check_destinations(plan: Plan) -> None:
@@ -188,8 +212,8 @@ def logger_callbacks(args: argparse.Namespace, plan: Plan) -> list:
     if not args.mlflow_uri:
         return []
     try:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
         import mlflow  # noqa: F401
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
     except ImportError:
         raise ConfigError("--mlflow-uri needs MLflow: pip install 'raylocal[mlflow]'") from None
     return [MLflowLoggerCallback(tracking_uri=args.mlflow_uri, experiment_name=plan.name, save_artifact=False)]
@@ -209,7 +233,8 @@ def search_algorithm(args: argparse.Namespace, plan: Plan):
                         storage=storage)
 
 
-def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_failures: int):
+def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_failures: int,
+               time_budget_s: float | None = None):
     """A new Tuner for the plan, or the interrupted one restored from its folder."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -226,6 +251,7 @@ def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_fail
                                 reduction_factor=budget.reduction_factor),
         num_samples=budget.trials,
         max_concurrent_trials=layout.concurrent,
+        time_budget_s=time_budget_s,
         # A fresh trial process costs ~4 s of torch import on a small machine; reuse them.
         # Not for TorchTrainer drivers: their fit() outlives Tune's 2 s reset window, and
         # the next trial on that actor would never start.
@@ -255,20 +281,24 @@ def describe_search(plan: Plan) -> str:
             f"{budget.reduction_factor}; results in {plan.storage}/{plan.name}")
 
 
-def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any]:
-    """Layout, data, search, export, report: the steps of one command, in order."""
+def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float | None = None) -> dict[str, Any]:
+    """Layout, data, search, final training, export, report: the steps of one command, in order."""
     from ray import tune
 
     from raylocal.best import export_best, summary_table
     from raylocal.data import build_search_data
-    from raylocal.layout import cluster_layout
+    from raylocal.final import run_final
+    from raylocal.layout import cluster_final_layout, cluster_layout
     from raylocal.mnist import load_mnist
     from raylocal.report import write_report
     from raylocal.train import TrialSettings, run_trial
 
-    started = time.perf_counter()
+    started = started or time.time()
     experiment, budget = plan.experiment, plan.experiment.budget
+    time_budget = TimeBudget.for_command(plan.budget_minutes, started, plan.final.enabled) if plan.budget_minutes else None
     layout = cluster_layout(args, log)
+    if time_budget:
+        log(time_budget.describe())
     if args.quiet:
         import ray.data
 
@@ -282,12 +312,17 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings),
                                     layout.trial_resources())
-    tuner = make_tuner(args, plan, trainable, layout, settings.max_failures)
+    search_seconds = time_budget.search_seconds() if time_budget else None
+    tuner = make_tuner(args, plan, trainable, layout, settings.max_failures, time_budget_s=search_seconds)
     log(describe_search(plan))
     if not plan.resume:
         write_manifest(args, plan)
     results = tuner.fit()
-    summary = export_best(results, data, settings, plan, search_seconds=time.perf_counter() - started, log=log)
+    final = None
+    if plan.final.enabled:
+        final = run_final(results, data, settings, plan.final, cluster_final_layout(args), time_budget,
+                          plan.experiment_dir, log=log)
+    summary = export_best(results, data, settings, plan, search_seconds=time.time() - started, final=final, log=log)
     if "://" not in plan.storage:
         summary["report"] = str(write_report(Path(plan.storage) / plan.name, log=log))
     log(summary_table(summary))
@@ -297,6 +332,7 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print) -> dict[str, Any
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from raylocal.cluster import connect, environment
 
+    started = time.time()
     if args.resume:
         args, experiment = resumed(args)
         plan = build_plan(argparse.Namespace(**vars(args) | {"experiment": None}))
@@ -307,7 +343,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # The legacy CLIReporter is the one that can be told which columns matter.
     with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "0")):
         with connect(args.address, quiet=args.quiet):
-            return run_search(args, plan)
+            return run_search(args, plan, started=started)
 
 
 @dataclass(frozen=True)

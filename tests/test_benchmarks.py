@@ -35,6 +35,14 @@ CASES = {
                                   [r"2 logical GPU\(s\) declared to Ray; trials compute on the CPU",
                                    r"1 worker/trial \(trials share GPUs\) .*GPUs [01]\)",
                                    r"2 workers/trial \(DDP, 1 GPU each\) .*GPUs 0\+1\)"]),
+    # The two in-process baselines, 15 s each (method (a) is the default command, which the
+    # pipeline tests run; its toy version could not fit a search into 15 s).
+    "bench_baselines.py": (["--minutes", "0.25", "--seeds", "0", "--methods", "optuna", "single"],
+                           [rf"optuna    seed 0: wall +{NUMBER}s +test det IoU {NUMBER}",
+                            rf"single    seed 0: wall +{NUMBER}s +test det IoU {NUMBER}", r"test_det_iou"]),
+    "bench_stream.py": (["--epochs", "3", "--train-digits", "1200", "--depth", "2", "--width", "4", "--every", "0.2"],
+                        [rf"object store before the run: +{NUMBER} MiB", rf"peak in quarter 4 of the run: +{NUMBER} MiB",
+                         rf"all 3 epochs synthesized up front would hold {NUMBER} MiB", r"trained 3 epochs"]),
     "bench_search.py": (["--trials", "2", "--max-epochs", "1", "--first-epoch-reports", "2", "--train-digits", "1200",
                          "--test-digits", "200"],
                         [rf"plain Optuna, 1 process, \d+ threads: +{NUMBER}s", rf"trials ran {NUMBER} at once",

@@ -21,7 +21,7 @@ def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_
     runs = {
         # Not --quiet: worker logs must reach the output for the "multiple instances" check to mean anything.
         name: start_search("--smoke-test", "--verbose", "0", "--data-dir", str(tiny_mnist_dir), "--unverified-data",
-                           "--storage", str(tmp_path / "results"), "--name", name, "--workers-per-trial", "2")
+                           "--storage", str(tmp_path / "results"), "--name", name, "--workers-per-trial", "2", "--no-final")
         for name in ("first", "second")
     }
     outputs = {name: process.communicate(timeout=400)[0] for name, process in runs.items()}

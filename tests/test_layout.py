@@ -115,7 +115,7 @@ def test_logical_gpus_give_each_trial_a_fraction_and_one_gpu_id(gpu_node, tmp_pa
 
     args = get_args_parser().parse_args([
         "--smoke-test", "--trials", "4", "--trials-per-gpu", "2", "--device", "cpu", "--data-dir", str(tiny_mnist_dir),
-        "--unverified-data", "--verbose", "0", "--storage", str(tmp_path), "--name", "logical",
+        "--unverified-data", "--verbose", "0", "--storage", str(tmp_path), "--name", "logical", "--no-final",
     ])
     main(args)
     output = capsys.readouterr().out
@@ -144,7 +144,7 @@ def test_logical_gpus_give_each_ddp_worker_a_whole_gpu_of_its_own(gpu_node, tmp_
     args = get_args_parser().parse_args([
         "--smoke-test", "--trials", "1", "--workers-per-trial", "2", "--cpus-per-worker", "2", "--device", "cpu",
         "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--verbose", "0", "--storage", str(tmp_path),
-        "--name", "logical-ddp",
+        "--name", "logical-ddp", "--no-final",
     ])
     main(args)
     output = capsys.readouterr().out

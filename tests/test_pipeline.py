@@ -90,6 +90,20 @@ def test_smoke_search_exports_a_loadable_model(ray_session, tmp_path, tiny_mnist
     assert len(study.trials) == 2 and all(trial.value is not None for trial in study.trials)
     assert (tmp_path / "results" / "toy" / "report" / "report.md").is_file()
     check_tensorboard_and_mlflow(trial_dirs, mlflow_uri)
+    check_final_phase(card, cluster_nodes)
+
+
+def check_final_phase(card: dict, cluster_nodes: set[str]) -> None:
+    """The exported model is the final phase's: the search's winner trained again from scratch by
+    a TorchTrainer over every worker of the cluster (2 nodes x 1 CPU), with the global batch kept."""
+    final = card["final"]
+    assert card["model_from"] == "final" and final["trial_id"] == card["search"]["best_trial"]["trial_id"]
+    assert (final["workers"], final["dist_backend"], final["epochs_planned"]) == (2, "gloo", 1)
+    assert set(final["worker_nodes"].split(",")) == cluster_nodes
+    assert final["batch_size_per_worker"] * 2 == final["global_batch_size"] == card["hyperparameters"]["batch_size"]
+    assert [row["epoch"] for row in final["curve"]] == [1.0]
+    assert card["validation"]["val_det_iou"] == final["curve"][-1]["val_det_iou"]
+    assert card["epoch"] == 1.0 and "val_det_iou" in card["search"]["best_trial"]["validation"]
 
 
 def check_tensorboard_and_mlflow(trial_dirs, mlflow_uri: str) -> None:
@@ -111,8 +125,9 @@ def trial_results(experiment_dir) -> list[dict]:
 
 
 def test_two_workers_per_trial_run_ddp_over_gloo_across_both_nodes(ray_session, tmp_path, tiny_mnist_dir):
-    main(search_args(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2"))
+    main(search_args(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2", "--no-final"))
     card = check_export(tmp_path / "export")
+    assert card["model_from"] == "search" and card["final"] is None
     assert card["search"]["backend"] == "ray-train" and card["search"]["workers_per_trial"] == 2
     cluster_nodes = {node["NodeID"] for node in ray_session_nodes()}
     results = trial_results(tmp_path / "results" / "toy")
@@ -156,7 +171,7 @@ def test_python_entry_point_runs_the_same_search_and_returns_its_result(ray_sess
     from raylocal.config import Hyperparameters
 
     result = raylocal.search(smoke_test=True, data_dir=tiny_mnist_dir, unverified_data=True, verbose=0, quiet=True,
-                             storage=tmp_path / "results", name="py")
+                             storage=tmp_path / "results", name="py", no_final=True)
     assert result.export_dir == tmp_path / "results" / "py" / "best_model"
     check_export(result.export_dir)
     assert result.experiment_dir == str(tmp_path / "results" / "py")
@@ -164,3 +179,16 @@ def test_python_entry_point_runs_the_same_search_and_returns_its_result(ray_sess
     assert 0 <= result.test["test_accuracy"] <= 1 and 0 <= result.validation["val_det_iou"] <= 1
     card = json.loads((result.export_dir / "model_card.json").read_text())
     assert card["trial_id"] == result.summary["trial_id"] and card["test"] == result.test
+
+
+def test_a_time_budget_stops_the_search_and_skips_a_final_phase_that_cannot_fit(ray_session, tmp_path, tiny_mnist_dir,
+                                                                               capsys):
+    # 1.2 minutes: the search may use 45% of them (32 s), too little for 200 trials of the smoke
+    # data; no final epoch fits in what is left, so the search's best checkpoint is exported.
+    summary = main(search_args(tmp_path, tiny_mnist_dir, "--time-budget", "1.2", "--trials", "200"))
+    output = capsys.readouterr().out
+    assert "time budget: 1.2 min for the whole command" in output
+    assert "final: no time left for one epoch" in output
+    card = check_export(tmp_path / "export")
+    assert card["model_from"] == "search" and card["final"] is None
+    assert 1 <= summary["search"]["trials"] < 200

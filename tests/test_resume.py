@@ -44,7 +44,7 @@ def results_by_trial(experiment_dir: Path) -> dict[str, list[dict]]:
 
 def search(start_search, tmp_path: Path, address: str, *flags: str) -> subprocess.Popen:
     return start_search("--address", address, "--quiet", "--storage", str(tmp_path / "results"), "--name", "resumable",
-                        *flags)
+                        "--time-budget", "0", *flags)
 
 
 def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.Popen, timeout_s: float = 240):
@@ -64,7 +64,7 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
 def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search):
     (tmp_path / "space.toml").write_text(EXPERIMENT)
     experiment_dir = tmp_path / "results" / "resumable"
-    first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml",
+    first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--no-final",
                    "--data-dir", str(tiny_mnist_dir), "--unverified-data")
     before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first)
     os.killpg(first.pid, signal.SIGKILL)
@@ -120,3 +120,40 @@ def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
     (folder / "raylocal_search.json").write_text(json.dumps({"flags": {"seed": 0}, "experiment": {"name": "x"}}))
     assert cli(["--resume", str(folder), "--seed", "5"]) == 2
     assert "--seed 5 differs from the search being resumed (0)" in capsys.readouterr().err
+
+
+def test_a_search_killed_in_its_final_phase_resumes_the_final_run(ray_session, tmp_path, tiny_mnist_dir, start_search):
+    experiment = EXPERIMENT.replace("trials = 3", "trials = 1").replace("max_epochs = 8", "max_epochs = 1")
+    (tmp_path / "space.toml").write_text(experiment)
+    experiment_dir = tmp_path / "results" / "resumable"
+    run_dir = experiment_dir / "final" / "final-1-seed0"
+    first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--final-epochs", "5",
+                   "--data-dir", str(tiny_mnist_dir), "--unverified-data")
+    deadline = time.monotonic() + 240
+    # Ray Train's snapshot names the checkpoints it registered; it is written after the first.
+    while not (run_dir / "checkpoint_manager_snapshot.json").is_file():
+        if first.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the final run wrote no checkpoint before it ended:\n{first.stdout.read()}")
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    search_rows = results_by_trial(experiment_dir)
+    from raylocal.final import finished_epochs
+
+    saved = finished_epochs(str(run_dir))
+    assert 1 <= saved < 5, f"the final run had {saved} epochs when it was killed"
+
+    second = search(start_search, tmp_path, ray_session.address, "--resume")
+    output, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, output
+    # The search is not run again; the final run continues after its last checkpoint.
+    assert results_by_trial(experiment_dir) == search_rows
+    # Its workers may checkpoint once more before Ray sees the driver gone: read where it resumed.
+    import re
+
+    resumed_after = int(re.search(r"resuming after epoch (\d+)", output).group(1))
+    assert saved <= resumed_after < 5, output
+    card = json.loads((experiment_dir / "best_model" / "model_card.json").read_text())
+    assert card["model_from"] == "final"
+    assert [row["epoch"] for row in card["final"]["curve"]] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert card["final"]["epochs_trained"] == 5.0

@@ -40,7 +40,7 @@ def searched(ray_session, tiny_mnist_dir, tmp_path_factory):
     main(get_args_parser().parse_args([
         "--experiment", str(root / "space.toml"), "--data-dir", str(tiny_mnist_dir), "--unverified-data",
         "--seed", str(SEED), "--verbose", "0", "--storage", str(root / "results"), "--name", "behaviour",
-        "--optuna-storage", storage,
+        "--optuna-storage", storage, "--no-final", "--time-budget", "0",
     ]))
     return root / "results" / "behaviour", storage
 

@@ -1,0 +1,218 @@
+"""Equal wall time, several seeds: raylocal's default command against what a user would otherwise do.
+
+(a) raylocal: `python -m raylocal.tune --time-budget M --seed S`, the default command (search,
+    then final training of the winner on every worker), in its own process, timed whole.
+(b) plain Optuna: one process, the same trainer (`raylocal.engine.fit`) and search space, TPE
+    (seeded, same start-up count) with successive halving at the search's rungs, all cores as
+    torch threads; it stops starting trials when the time is up and stops the running one at
+    its next report; it exports its best trial's best checkpoint.
+(c) no search: one reasonable configuration (raylocal's defaults: depth 4, width 16, lr 3e-3,
+    box-loss weight 0.1), trained with all cores for as many epochs as fit in the time (its
+    speed measured on its first steps), one-cycle schedule over them.
+
+Each method gets M minutes for everything it does (data, training, test scoring), per seed;
+the seed moves the data placement, the sampler and the initialization. All three are scored
+on the same 10k test canvases of that seed. Printed: one line per run, then mean and spread.
+
+    python experiments/bench_baselines.py --minutes 6 --seeds 0 1 2     # ~60 min on 2 cores
+    python experiments/bench_baselines.py --minutes 1 --seeds 0 --train-digits 3000 --test-digits 500  # quick
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import benchlib
+import numpy as np
+import torch
+
+from raylocal.config import OBJECTIVE, Experiment, Hyperparameters, optuna_space
+from raylocal.engine import evaluate, fit, to_tensors
+from raylocal.metrics import summarize
+from raylocal.synthesis import split_plan, synthesize_split
+
+METHODS = ("raylocal", "optuna", "single")
+# What each in-process method keeps back for scoring the test split at the end.
+SCORING_SECONDS = 10
+
+
+def get_args_parser():
+    parser = benchlib.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=6.0, help="wall time of each run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--train-digits", type=int, help="MNIST training digits used (default: all)")
+    parser.add_argument("--test-digits", type=int, help="MNIST test digits used (default: all)")
+    parser.add_argument("--out", type=Path, help="append one JSON line per run here")
+    return parser
+
+
+class Splits:
+    """The canvases of one seed, built by the same function the search's Ray Data tasks call."""
+
+    def __init__(self, mnist, args, seed: int) -> None:
+        self.images = mnist.train_images[: args.train_digits]
+        self.labels = mnist.train_labels[: args.train_digits]
+        self.test_images = mnist.test_images[: args.test_digits]
+        self.test_labels = mnist.test_labels[: args.test_digits]
+        self.plan = split_plan(len(self.images), len(self.test_images))
+        self.seed = seed
+
+    def get(self, split: str, epoch: int = 0) -> dict[str, np.ndarray]:
+        images, labels = (self.test_images, self.test_labels) if split == "test" else (self.images, self.labels)
+        columns = synthesize_split(images, labels, self.plan, seed=self.seed, split=split, epoch=epoch)
+        return {key: columns[key] for key in ("image", "box", "label")}
+
+
+def test_metrics(state: dict, params: Hyperparameters, splits: Splits) -> dict[str, float]:
+    from raylocal.model import build_model
+
+    model = build_model(params.model_config())
+    model.load_state_dict(state)
+    device = torch.device("cpu")
+    return summarize(evaluate(model.eval(), to_tensors(splits.get("test"), device), params, device), "test")
+
+
+def run_raylocal(args, seed: int, folder: Path) -> dict:
+    command = [sys.executable, "-m", "raylocal.tune", "--time-budget", f"{args.minutes:g}", "--seed", str(seed),
+               "--name", f"baseline-{seed}", "--storage", str(folder), "--quiet", *benchlib.data_flags(args)]
+    experiment = None
+    if args.train_digits or args.test_digits:
+        experiment = folder / "data.toml"
+        experiment.write_text("[data]\n" + "".join(f"{key} = {value}\n" for key, value in
+                                                     (("train_digits", args.train_digits), ("test_digits", args.test_digits))
+                                                     if value))
+        command += ["--experiment", str(experiment)]
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    if finished.returncode:
+        raise RuntimeError(f"raylocal.tune failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}")
+    card = json.loads((folder / f"baseline-{seed}" / "best_model" / "model_card.json").read_text())
+    final = card.get("final") or {}
+    return card["test"] | {"trials": card["search"]["trials"], "final_epochs": final.get("epochs_trained", 0),
+                           "hyperparameters": card["hyperparameters"]}
+
+
+def run_optuna(args, seed: int, splits: Splits, deadline: float) -> dict:
+    import optuna
+
+    from raylocal.tune import make_sampler
+
+    experiment = Experiment()
+    budget = experiment.budget
+    unit = math.lcm(budget.first_epoch_reports, budget.reports_per_epoch)
+    train = [splits.get("train", epoch) for epoch in range(budget.max_epochs)]
+    val = splits.get("val")
+    best: dict = {"value": -1.0}
+
+    def stop() -> bool:
+        return time.time() > deadline - SCORING_SECONDS
+
+    def objective(trial) -> float:
+        params = Hyperparameters.from_dict(asdict(experiment.fixed) | trial.params)
+        values = []
+
+        def report(metrics, state):
+            values.append(metrics[OBJECTIVE])
+            if metrics[OBJECTIVE] > best["value"]:
+                best.update(value=metrics[OBJECTIVE], state={k: v.clone() for k, v in state["model"].items()},
+                            params=params, epoch=metrics["epoch"])
+            trial.report(metrics[OBJECTIVE], step=round(metrics["epoch"] * unit))
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        fit(params, max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
+            reports_per_epoch=budget.reports_per_epoch, train_data=lambda epoch: train[epoch], val_data=val,
+            train_rows=len(train[0]["label"]), report=report, device=torch.device("cpu"), seed=seed, stop=stop)
+        return max(values)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize", sampler=make_sampler(budget.trials, seed),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, round(budget.grace_period * unit)),
+                                                      reduction_factor=budget.reduction_factor),
+    )
+    space = optuna_space(experiment.space)
+    while not stop() and len(study.trials) < budget.trials:
+        trial = study.ask(space)
+        try:
+            study.tell(trial, objective(trial))
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    return test_metrics(best["state"], best["params"], splits) | {
+        "trials": len(study.trials), "final_epochs": best["epoch"], "hyperparameters": asdict(best["params"])}
+
+
+def run_single(args, seed: int, splits: Splits, deadline: float) -> dict:
+    params = Hyperparameters()
+    val = splits.get("val")
+    first = splits.get("train", 0)
+    rows = len(first["label"])
+    # Speed on 30 steps (after 5 to warm up), with the same threads the run will use.
+    probe = {key: value[: 35 * params.batch_size] for key, value in first.items()}
+    times = []
+    fit(replace(params, lr=1e-4), max_epochs=1, first_epoch_reports=7, reports_per_epoch=1,
+        train_data=lambda epoch: probe, val_data={key: value[:1] for key, value in val.items()},
+        train_rows=len(probe["label"]), report=lambda metrics, state: times.append(time.perf_counter()),
+        device=torch.device("cpu"), seed=seed)
+    step_seconds = (times[-1] - times[0]) / 30
+    # 5% for the report's bookkeeping; validation costs about a third of a training step per canvas.
+    epoch_seconds = (rows // params.batch_size) * step_seconds * 1.05 + len(val["label"]) / params.batch_size * step_seconds / 3
+    epochs = max(1, math.floor((deadline - SCORING_SECONDS - time.time()) / epoch_seconds))
+    last: dict = {}
+    fit(params, max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1,
+        train_data=lambda epoch: first if epoch == 0 else splits.get("train", epoch), val_data=val, train_rows=rows,
+        report=lambda metrics, state: last.update(state=state["model"], epoch=metrics["epoch"]),
+        device=torch.device("cpu"), seed=seed)
+    return test_metrics(last["state"], params, splits) | {"trials": 1, "final_epochs": last["epoch"],
+                                                          "hyperparameters": asdict(params)}
+
+
+def main(args) -> None:
+    benchlib.print_setup("baselines at equal wall time", minutes=args.minutes, seeds=args.seeds, methods=args.methods,
+                         train_digits=args.train_digits or "all", test_digits=args.test_digits or "all")
+    mnist = benchlib.load_digits(args)
+    torch.set_num_threads(os.cpu_count())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            splits = Splits(mnist, args, seed)
+            for method in args.methods:
+                started = time.time()
+                deadline = started + args.minutes * 60
+                if method == "raylocal":
+                    result = run_raylocal(args, seed, Path(tmp))
+                elif method == "optuna":
+                    result = run_optuna(args, seed, splits, deadline)
+                else:
+                    result = run_single(args, seed, splits, deadline)
+                row = {"method": method, "seed": seed, "wall_s": round(time.time() - started, 1)} | result
+                rows.append(row)
+                print(f"{method:<9} seed {seed}: wall {row['wall_s']:6.1f}s  test det IoU {row['test_det_iou']:.4f}  "
+                      f"mean IoU {row['test_mean_iou']:.4f}  accuracy {row['test_accuracy']:.4f}  "
+                      f"trials {row['trials']}  epochs of the exported model {row['final_epochs']:g}", flush=True)
+                if args.out:
+                    with args.out.open("a") as out:
+                        out.write(json.dumps(row) + "\n")
+    summarize_rows(rows)
+
+
+def summarize_rows(rows: list[dict]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    table = frame.groupby("method", sort=False)[["test_det_iou", "test_mean_iou", "test_accuracy", "wall_s"]].agg(
+        ["mean", "std", "min", "max"])
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
+        print(table)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

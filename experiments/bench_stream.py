@@ -1,0 +1,99 @@
+"""Object-store memory of the final phase's Ray Data stream over a long run.
+
+Runs one final training run (`raylocal.final.train_final`: a TorchTrainer over every CPU, each
+epoch's canvases synthesized by Ray Data while the workers train) for `--epochs` epochs, and
+samples the object store's bytes in use across the cluster every `--every` seconds (the figure
+`ray memory --stats-only` prints). Printed: the store before the run (validation, test and the
+one search epoch this script synthesizes up front), its peak in each quarter of the run, and what
+synthesizing every epoch up front, as the search does, would have held.
+
+    python experiments/bench_stream.py                                   # ~6 min on 2 cores
+    python experiments/bench_stream.py --epochs 3 --train-digits 1200    # quick
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+
+import benchlib
+
+from raylocal.config import DataSettings, Hyperparameters
+
+MIB = 1024**2
+
+
+def get_args_parser():
+    parser = benchlib.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--train-digits", type=int, default=12_000, help="MNIST training digits used (val: 1/12)")
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--every", type=float, default=1.0, help="seconds between samples")
+    return parser
+
+
+def store_bytes() -> int:
+    """Bytes in use in the object stores of every node (what `ray memory --stats-only` reports)."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    return get_memory_info_reply(get_state_from_address(None)).store_stats.object_store_bytes_used
+
+
+class Sampler(threading.Thread):
+    def __init__(self, every: float) -> None:
+        super().__init__(daemon=True)
+        self.every, self.samples, self.done = every, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.samples.append((time.perf_counter(), store_bytes()))
+            self.done.wait(self.every)
+
+
+def main(args) -> None:
+    from raylocal.data import STREAM_STORE_BYTES, build_search_data
+    from raylocal.final import Candidate, train_final
+    from raylocal.layout import cluster_resources, final_layout
+    from raylocal.train import TrialSettings
+
+    benchlib.print_setup("final-phase stream memory", epochs=args.epochs, train_digits=args.train_digits,
+                         depth=args.depth, width=args.width, stream_budget_mib=STREAM_STORE_BYTES // MIB)
+    mnist = benchlib.load_digits(args)
+    with benchlib.local_ray(2), tempfile.TemporaryDirectory() as storage:
+        data = build_search_data(mnist, DataSettings(train_digits=args.train_digits, test_digits=2000), epochs=1,
+                                 seed=args.seed, log=lambda line: print(f"# {line}"))
+        layout = final_layout(*cluster_resources())
+        params = Hyperparameters(depth=args.depth, width=args.width)
+        settings = TrialSettings(max_epochs=1, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
+                                 storage_path=storage, experiment_name="stream", seed=args.seed, fixed=asdict(params))
+        before = store_bytes()
+        sampler = Sampler(args.every)
+        started = time.perf_counter()
+        sampler.start()
+        run = train_final(Candidate("fixed", {}, 0.0, 0.0, 0.0), args.seed, args.epochs, data, settings, layout, None,
+                          storage, name="stream", log=lambda line: print(f"# {line}"))
+        sampler.done.set()
+        sampler.join()
+        wall = time.perf_counter() - started
+    rows = data.train_epochs[0].rows
+    canvas_bytes = 75 * 75 + 4 * 4 + 8
+    print(f"object store before the run: {before / MIB:8.1f} MiB (val, test and 1 search epoch)")
+    quarters = [[used for at, used in sampler.samples if q * wall / 4 <= at - started < (q + 1) * wall / 4]
+                for q in range(4)]
+    for q, values in enumerate(quarters):
+        peak = max(values, default=0)
+        print(f"peak in quarter {q + 1} of the run: {peak / MIB:8.1f} MiB ({len(values)} samples)")
+    peak = max(used for _, used in sampler.samples)
+    print(f"peak over the run: {peak / MIB:.1f} MiB; stream's own peak (less the store before): "
+          f"{(peak - before) / MIB:.1f} MiB; Ray Data's budget for it: {STREAM_STORE_BYTES / MIB:.0f} MiB")
+    print(f"all {args.epochs} epochs synthesized up front would hold {args.epochs * rows * canvas_bytes / MIB:.1f} MiB "
+          f"({rows:,} canvases per epoch)")
+    print(f"trained {run.curve[-1]['epoch']:g} epochs in {wall:.1f}s; last validation det IoU "
+          f"{run.curve[-1]['val_det_iou']:.4f}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

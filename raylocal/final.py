@@ -1,0 +1,387 @@
+"""Final training stage: train the search's best configuration from scratch on the whole cluster.
+
+The search compares configurations on short, early-stopped budgets; the model a user ships is
+then trained with what is left of the wall time, by one Ray Train `TorchTrainer` with DDP over
+every worker the cluster has (gloo on CPUs, NCCL on GPUs), its data streamed by Ray Data.
+
+Time: `TimeBudget` splits a whole-command budget between the search and this phase; the number
+of epochs is planned from the training speed the search measured for the winner, and the
+workers stop early, between epochs, if an epoch would end past the deadline anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from raylocal.config import OBJECTIVE, ConfigError, Hyperparameters
+from raylocal.layout import Layout
+
+# Without a time budget and without --final-epochs: twice the default search's longest trial.
+DEFAULT_FINAL_EPOCHS = 10
+# With a budget, at most this many epochs (on a GPU the budget would allow hundreds).
+MAX_FINAL_EPOCHS = 30
+# Two gloo workers on 2 cores trained 1,306 canvases/s against 768 for each of two one-worker
+# trials side by side (experiments/RESULTS.md, scaling): 0.85 per worker; planned with margin.
+DDP_EFFICIENCY = 0.8
+# Seconds a final run spends before its first step (Train controller, worker processes importing
+# torch, the process group, the first shards) and the command after the last one (test scoring,
+# export with its checks, report); both measured on 2 cores, see experiments/RESULTS.md.
+START_SECONDS = 40
+FINISH_SECONDS = 60
+# The share of a time budget the search may use; the final phase gets the rest.
+SEARCH_SHARE = 0.45
+
+
+@dataclass(frozen=True)
+class FinalSettings:
+    epochs: int | None = None  # --final-epochs: exactly this many (at most this many with a budget)
+    top_k: int = 1
+    seeds: int = 1
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "top_k", "seeds"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"--final-{key.replace('_', '-')} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """A bound on the whole command, counted from `started` (time.time(), so that Ray Train's
+    worker processes read the same clock)."""
+
+    seconds: float
+    started: float
+    search_share: float = SEARCH_SHARE
+
+    def search_seconds(self) -> float:
+        # At least a second: Tune reads a time budget of 0 as none at all.
+        return max(1.0, self.started + self.seconds * self.search_share - time.time())
+
+    @property
+    def deadline(self) -> float:
+        """When the final phase must have ended, leaving time to score and export."""
+        return self.started + self.seconds - FINISH_SECONDS
+
+    @classmethod
+    def for_command(cls, minutes: float, started: float, final: bool) -> TimeBudget:
+        """Without a final phase the search may use all of it but the time to score and export."""
+        seconds = minutes * 60
+        return cls(seconds, started, SEARCH_SHARE if final else max(0.0, 1 - FINISH_SECONDS / seconds))
+
+    def describe(self) -> str:
+        minutes = self.seconds / 60
+        rest = (f"the final phase gets what is left less {FINISH_SECONDS} s for scoring and export"
+                if self.search_share == SEARCH_SHARE else f"then {FINISH_SECONDS} s for scoring and export")
+        return (f"time budget: {minutes:g} min for the whole command: the search stops starting and running trials "
+                f"after {minutes * self.search_share:.1f} min, {rest}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration the search found, with what the search measured of it."""
+
+    trial_id: str
+    config: dict[str, Any]  # the searched hyperparameters
+    score: float  # best validation objective of the trial
+    epoch: float  # the epoch of that report
+    canvases_per_s: float  # median training speed of one worker in the search
+
+
+@dataclass(frozen=True)
+class FinalRun:
+    candidate: Candidate
+    seed: int
+    params: Hyperparameters  # with the global batch size
+    state: dict[str, Any]  # the last checkpoint state (model, optimizer, ...)
+    curve: list[dict[str, float]]  # one row per epoch
+    seconds: float
+    placement: dict[str, str]  # nodes, process ids and devices of its workers
+
+    @property
+    def validation(self) -> dict[str, float]:
+        return {key: value for key, value in self.curve[-1].items() if key.startswith("val_")}
+
+
+@dataclass(frozen=True)
+class FinalOutcome:
+    winner: FinalRun
+    runs: list[FinalRun]
+    layout: Layout
+    epochs: int
+    plan: str
+    stopped_early: bool = False
+
+    def card(self) -> dict[str, Any]:
+        """What the model card records of this phase."""
+        return {
+            "plan": self.plan,
+            "workers": self.layout.workers, "cpus_per_worker": self.layout.cpus_per_worker,
+            "gpus_per_worker": self.layout.gpus_per_worker, "device": self.layout.device,
+            "dist_backend": self.layout.dist_backend, "global_batch_size": self.winner.params.batch_size,
+            # What each worker's loop really used (its checkpoint's hyperparameters).
+            "batch_size_per_worker": self.winner.state["hyperparameters"]["batch_size"],
+            "epochs_planned": self.epochs, "epochs_after_first_epoch": self.winner.state["max_epochs"],
+            "epochs_trained": self.winner.curve[-1]["epoch"],
+            "stopped_by_time_budget": self.stopped_early,
+            "trial_id": self.winner.candidate.trial_id, "seed": self.winner.seed,
+            "seconds": round(self.winner.seconds, 1),
+            "worker_nodes": self.winner.placement.get("worker_nodes", ""),
+            "curve": self.winner.curve,
+            "runs": [{"trial_id": run.candidate.trial_id, "search_score": run.candidate.score, "seed": run.seed,
+                      OBJECTIVE: run.validation.get(OBJECTIVE), "seconds": round(run.seconds, 1)}
+                     for run in self.runs],
+        }
+
+
+def candidates(results, top_k: int, workers_per_trial: int = 1) -> list[Candidate]:
+    """The `top_k` trials of a Tune ResultGrid by their best validation objective; speeds per
+    worker (a trial reports the sum over its workers)."""
+    found = []
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or OBJECTIVE not in frame or frame[OBJECTIVE].isna().all():
+            continue
+        best = frame.loc[frame[OBJECTIVE].idxmax()]
+        speed = frame["train_images_per_s"].median() / workers_per_trial if "train_images_per_s" in frame else math.nan
+        found.append(Candidate(trial_id=str(best.get("trial_id", result.path)), config=dict(result.config),
+                               score=float(best[OBJECTIVE]), epoch=float(best["epoch"]), canvases_per_s=float(speed)))
+    return sorted(found, key=lambda candidate: -candidate.score)[:top_k]
+
+
+def plan_epochs(settings: FinalSettings, chosen: list[Candidate], layout: Layout, rows: int, val_rows: int,
+                budget: TimeBudget | None) -> tuple[int, str]:
+    """How many epochs each final run trains, and the line that says why."""
+    runs = len(chosen) * settings.seeds
+    if budget is None:
+        epochs = settings.epochs or DEFAULT_FINAL_EPOCHS
+        return epochs, f"{epochs} epochs per run ({'--final-epochs' if settings.epochs else 'default'}, no time budget)"
+    seconds = budget.deadline - time.time()
+    # The slowest candidate sets the pace; validation costs about a third of a training step per canvas.
+    speed = min(c.canvases_per_s for c in chosen) * layout.workers * (DDP_EFFICIENCY if layout.workers > 1 else 1)
+    if not math.isfinite(speed) or speed <= 0:
+        raise RuntimeError("the search measured no training speed to plan the final phase with")
+    epoch_seconds = (rows + val_rows / 3) / speed
+    fits = math.floor((seconds / runs - START_SECONDS) / epoch_seconds)
+    cap = epoch_cap(settings, budget)
+    epochs = max(0, min(cap, fits))
+    why = (f"{seconds / 60:.1f} min left for {runs} run(s); about {epoch_seconds:.0f} s per epoch at "
+           f"{speed:,.0f} canvases/s (the search's speed x {layout.workers} worker(s))")
+    return epochs, f"{epochs} epochs per run ({why}; at most {cap})"
+
+
+def epoch_cap(settings: FinalSettings, budget: TimeBudget | None) -> int:
+    """The most epochs a final run may be re-planned to (its stream holds that many)."""
+    return settings.epochs or (MAX_FINAL_EPOCHS if budget else DEFAULT_FINAL_EPOCHS)
+
+
+def run_final(results, data, search_settings, settings: FinalSettings, layout: Layout, budget: TimeBudget | None,
+              storage: str, log=print) -> FinalOutcome | None:
+    """Train the top configurations from scratch; None when no epoch fits in the time left."""
+    chosen = candidates(results, settings.top_k, search_settings.layout.workers)
+    if not chosen:
+        raise RuntimeError(f"no trial reported {OBJECTIVE}; nothing to train")
+    epochs, why = plan_epochs(settings, chosen, layout, data.train_epochs[0].rows, data.val.rows, budget)
+    cap = epoch_cap(settings, budget)
+    saved = saved_run(os.path.join(storage, "final", run_name(0, search_settings.seed)))
+    if saved:
+        # A resumed command keeps the plan its runs were started with: their schedules depend on it.
+        epochs = cap = saved.planned
+        why = f"{saved.planned} epochs per run, as planned when the final phase started"
+        if saved.workers != layout.workers:
+            raise ConfigError(f"the final phase was started with {saved.workers} workers and this cluster gives "
+                              f"{layout.workers}; resume it on a cluster of the same size")
+    if epochs == 0:
+        log(f"final: no time left for one epoch ({why}); exporting the search's best checkpoint")
+        return None
+    plan = (f"final: {len(chosen)} configuration(s) x {settings.seeds} seed(s), each trained from scratch by a "
+            f"TorchTrainer with {layout.workers} worker(s) ({layout.dist_backend}, {layout.reason}); {why}"
+            + ("; re-planned from the first epoch's measured time" if budget and not saved else ""))
+    log(plan)
+    jobs = [(rank, candidate, seed) for rank, candidate in enumerate(chosen)
+            for seed in range(search_settings.seed, search_settings.seed + settings.seeds)]
+    runs = []
+    for index, (rank, candidate, seed) in enumerate(jobs):
+        # Each run gets its share of the time still left, so that one slow run cannot eat the next ones'.
+        deadline = time.time() + (budget.deadline - time.time()) / (len(jobs) - index) if budget else None
+        runs.append(train_final(candidate, seed, epochs, data, search_settings, layout, deadline, storage,
+                                name=run_name(rank, seed), cap=cap, log=log))
+    winner = pick_winner(runs)
+    stopped = winner.curve[-1]["epoch"] < winner.state["max_epochs"]
+    if stopped:
+        log(f"final: the time budget ended training after {winner.curve[-1]['epoch']:g} of "
+            f"{winner.state['max_epochs']} epochs")
+    return FinalOutcome(winner=winner, runs=runs, layout=layout, epochs=epochs, plan=plan, stopped_early=stopped)
+
+
+def run_name(rank: int, seed: int) -> str:
+    return f"final-{rank + 1}-seed{seed}"
+
+
+def pick_winner(runs: list[FinalRun]) -> FinalRun:
+    """The configuration with the best mean validation objective over its seeds, and of its
+    runs the best one."""
+    by_config: dict[str, list[FinalRun]] = {}
+    for run in runs:
+        by_config.setdefault(run.candidate.trial_id, []).append(run)
+    best = max(by_config.values(), key=lambda group: sum(r.validation[OBJECTIVE] for r in group) / len(group))
+    return max(best, key=lambda run: run.validation[OBJECTIVE])
+
+
+def train_final(candidate: Candidate, seed: int, epochs: int, data, search_settings, layout: Layout,
+                deadline: float | None, storage: str, *, name: str, cap: int | None = None, log=print) -> FinalRun:
+    """One final run: a TorchTrainer over `layout`'s workers, or the saved result of a run that
+    already finished (a resumed command). With a deadline, the workers re-plan the number of
+    epochs after the first one, up to `cap`."""
+    from ray import train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raylocal.data import stream_options, train_stream
+    from raylocal.train import TrialSettings, load_checkpoint_state
+
+    params = Hyperparameters.from_dict(search_settings.fixed | candidate.config)
+    if params.batch_size < layout.workers:
+        raise ConfigError(f"batch_size {params.batch_size} cannot be split over {layout.workers} workers")
+    # The global batch the search tuned the learning rate for, split over the workers.
+    per_worker = replace(params, batch_size=params.batch_size // layout.workers)
+    settings = TrialSettings(max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
+                             storage_path=storage, experiment_name=name, seed=seed, fixed={})
+    run_dir = os.path.join(storage, "final", name)
+    saved = saved_run(run_dir)
+    started = time.perf_counter()
+    log(f"final: {name}: trial {candidate.trial_id} (search score {candidate.score:.4f}), seed {seed}, "
+        f"{epochs} epochs" + (f", resuming after epoch {saved.done}" if saved else ""))
+    cap = max(epochs, cap or epochs)
+    if saved and saved.done >= saved.planned:
+        state, placement = saved.state, saved.placement
+    else:
+        trainer = TorchTrainer(
+            final_worker,
+            train_loop_config={"params": asdict(per_worker), "data": data, "settings": settings, "deadline": deadline,
+                               "cap": cap},
+            torch_config=TorchConfig(backend=layout.dist_backend),
+            scaling_config=train.ScalingConfig(num_workers=layout.workers, use_gpu=layout.uses_gpus,
+                                               resources_per_worker=layout.worker_resources()),
+            run_config=train.RunConfig(
+                # A stable name: `--resume` finds the run and Ray Train continues from its last checkpoint.
+                name=name, storage_path=os.path.dirname(run_dir),
+                failure_config=train.FailureConfig(max_failures=search_settings.max_failures),
+                checkpoint_config=train.CheckpointConfig(num_to_keep=1),
+            ),
+            # A function: Ray Train calls it each time it starts the workers, so workers restarted
+            # after a failure stream the epochs after their checkpoint, not the first ones again.
+            datasets={"train": lambda: train_stream(data, range(finished_epochs(run_dir), cap))},
+            dataset_config=train.DataConfig(execution_options=stream_options()),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        state = load_checkpoint_state(result.checkpoint)
+        placement = {key: value for key, value in (result.metrics or {}).items() if key.startswith("worker_")}
+    curve = state["history"]
+    log(f"final: {name}: {curve[-1]['epoch']:g} epochs, {time.perf_counter() - started:.0f} s in this command; "
+        f"validation det IoU {curve[-1][OBJECTIVE]:.4f}, mean IoU {curve[-1]['val_mean_iou']:.4f}, "
+        f"accuracy {curve[-1]['val_accuracy']:.4f}")
+    return FinalRun(candidate=candidate, seed=seed, params=params, state=state, curve=curve,
+                    seconds=time.perf_counter() - started, placement=placement)
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    done: int  # epochs with a checkpoint
+    planned: int
+    workers: int
+    state: dict[str, Any]
+    placement: dict[str, str]
+
+
+def saved_run(run_dir: str) -> SavedRun | None:
+    """The last checkpoint of a final run started earlier, or None for a new run."""
+    from ray.train import Result
+
+    from raylocal.train import load_checkpoint_state
+
+    if "://" not in run_dir and not os.path.isdir(run_dir):
+        return None
+    try:
+        result = Result.from_path(run_dir)
+    except Exception:  # noqa: BLE001 - a run killed before its first checkpoint leaves no readable state
+        return None
+    if result.checkpoint is None:
+        return None
+    state = load_checkpoint_state(result.checkpoint)
+    placement = {key: value for key, value in (result.metrics or {}).items() if key.startswith("worker_")}
+    return SavedRun(done=int(state["epoch"]), planned=int(state["max_epochs"]), workers=int(state["world_size"]),
+                    state=state, placement=placement)
+
+
+def finished_epochs(run_dir: str) -> int:
+    """Epochs a final run already has a checkpoint of (0 for a new run): a resumed run's
+    stream starts after them."""
+    saved = saved_run(run_dir)
+    return saved.done if saved else 0
+
+
+def final_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every worker of a final run: the search's loop, its data streamed by Ray Data."""
+    from ray import train
+
+    from raylocal.data import StreamReader
+    from raylocal.train import ddp_wrap, fit_this_rank, trial_device
+
+    context = train.get_context()
+    settings, data = loop_config["settings"], loop_config["data"]
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = trial_device(settings.layout, train_worker=True)
+    stream = StreamReader(train.get_dataset_shard("train"))
+    rows = data.train_epochs[0].rows // world_size
+    deadline = loop_config["deadline"]
+    fit_this_rank(
+        Hyperparameters(**loop_config["params"]), data, settings, session=train, rank=rank, world_size=world_size,
+        device=device, wrap=ddp_wrap(device, world_size), train_data=lambda epoch: stream.take(rows),
+        stop=out_of_time(deadline, device, world_size),
+        replan=fit_to_deadline(deadline, loop_config["cap"], device, world_size) if deadline else None,
+    )
+
+
+def agree(value: float, device: torch.device, world_size: int) -> float:
+    """The largest of every rank's `value`: what all ranks then act on alike."""
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.item()
+
+
+def fit_to_deadline(deadline: float, cap: int, device: torch.device, world_size: int):
+    """An `engine.fit` re-plan: as many epochs as fit before the deadline at the first epoch's pace
+    (the slowest rank's), at most `cap`. The plan made before the run rests on the search's speed,
+    which DDP can miss by half (width 8 on 2 cores: 2,050 canvases/s planned as 3,741)."""
+
+    def replan(first_epoch_seconds: float) -> int:
+        seconds = agree(first_epoch_seconds, device, world_size)
+        return max(1, min(cap, 1 + math.floor((deadline - time.time()) / seconds)))
+
+    return replan
+
+
+def out_of_time(deadline: float | None, device: torch.device, world_size: int):
+    """A `stop` for `engine.fit`: True when another epoch, as long as the last one, would end
+    past the deadline. All ranks decide together (one rank stopping alone would hang the others).
+    The first epoch's time includes the workers' set-up, which errs on the side of the budget."""
+    last = [time.time()]
+
+    def stop() -> bool:
+        now = time.time()
+        late = deadline is not None and now + (now - last[0]) > deadline
+        last[0] = now
+        return bool(agree(float(late), device, world_size))
+
+    return stop

@@ -1,0 +1,188 @@
+"""The final phase's pure parts: its layout, the epoch plan under a time budget, the pick among
+re-trained configurations, the flags; then, on the session's Ray cluster, the stream reader."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_digits
+
+from raylocal.config import OBJECTIVE, ConfigError, Hyperparameters
+from raylocal.engine import fit
+from raylocal.final import (
+    DDP_EFFICIENCY,
+    DEFAULT_FINAL_EPOCHS,
+    FINISH_SECONDS,
+    MAX_FINAL_EPOCHS,
+    START_SECONDS,
+    Candidate,
+    FinalRun,
+    FinalSettings,
+    TimeBudget,
+    fit_to_deadline,
+    out_of_time,
+    pick_winner,
+    plan_epochs,
+)
+from raylocal.layout import final_layout
+from raylocal.synthesis import split_plan, synthesize_shard
+from raylocal.tune import DEFAULT_BUDGET_MINUTES, build_plan, get_args_parser
+
+
+def test_final_layout_takes_every_cpu_or_every_gpu():
+    cpus = final_layout(2, 0)
+    assert (cpus.backend, cpus.workers, cpus.cpus_per_worker, cpus.dist_backend) == ("ray-train", 2, 1, "gloo")
+    assert final_layout(16, 0, cpus_per_worker=4).workers == 4
+    gpus = final_layout(16, 4, cpus_per_worker=2)
+    assert (gpus.workers, gpus.gpus_per_worker, gpus.cpus_per_worker, gpus.device) == (4, 1.0, 2, "cuda")
+    assert gpus.dist_backend == "nccl"
+    # Ray's logical GPUs with --device cpu: the CPUs do the work.
+    logical = final_layout(2, 2, device="cpu")
+    assert (logical.workers, logical.gpus_per_worker, logical.device) == (2, 0.0, "cpu")
+    assert final_layout(1, 0).workers == 1
+
+
+def candidate(trial_id: str, score: float = 0.9, speed: float = 1000.0) -> Candidate:
+    return Candidate(trial_id=trial_id, config={"lr": 1e-3}, score=score, epoch=5.0, canvases_per_s=speed)
+
+
+def test_without_a_budget_the_final_trains_the_given_or_default_epochs():
+    layout = final_layout(2, 0)
+    assert plan_epochs(FinalSettings(), [candidate("a")], layout, 55_000, 5_000, None)[0] == DEFAULT_FINAL_EPOCHS
+    assert plan_epochs(FinalSettings(epochs=3), [candidate("a")], layout, 55_000, 5_000, None)[0] == 3
+
+
+def test_with_a_budget_the_epochs_fill_the_time_left_at_the_searched_speed():
+    layout = final_layout(2, 0)
+    rows, val_rows, speed = 55_000, 6_000, 1000.0
+    epoch_seconds = (rows + val_rows / 3) / (speed * 2 * DDP_EFFICIENCY)
+    # The final phase must end FINISH_SECONDS before the end of the budget; 600 s are left for it.
+    budget = TimeBudget(seconds=600 + FINISH_SECONDS, started=time.time())
+    epochs, line = plan_epochs(FinalSettings(), [candidate("a", speed=speed)], layout, rows, val_rows, budget)
+    assert epochs == int((600 - START_SECONDS) // epoch_seconds) == 15
+    assert "15 epochs" in line and "min left" in line
+    # Two runs share the time; the slower candidate sets the pace; --final-epochs caps it.
+    two = [candidate("a", speed=speed), candidate("b", speed=speed / 2)]
+    assert plan_epochs(FinalSettings(top_k=2), two, layout, rows, val_rows, budget)[0] == int(
+        (300 - START_SECONDS) // (2 * epoch_seconds))
+    assert plan_epochs(FinalSettings(epochs=4), [candidate("a", speed=speed)], layout, rows, val_rows, budget)[0] == 4
+    fast = candidate("a", speed=1e7)
+    assert plan_epochs(FinalSettings(), [fast], layout, rows, val_rows, budget)[0] == MAX_FINAL_EPOCHS
+    spent = TimeBudget(seconds=60, started=time.time() - 30)
+    assert plan_epochs(FinalSettings(), [candidate("a")], layout, rows, val_rows, spent)[0] == 0
+
+
+def test_the_search_gets_its_share_of_the_budget_from_the_start_of_the_command():
+    budget = TimeBudget(seconds=1000, started=time.time() - 100, search_share=0.5)
+    assert budget.search_seconds() == pytest.approx(400, abs=2)
+    assert budget.deadline == pytest.approx(budget.started + 1000 - FINISH_SECONDS)
+    assert TimeBudget(seconds=100, started=time.time() - 100).search_seconds() == 1.0  # Tune reads 0 as none
+    assert "the search stops" in budget.describe()
+    alone = TimeBudget.for_command(10, time.time(), final=False)
+    assert alone.search_seconds() == pytest.approx(600 - FINISH_SECONDS, abs=2)
+    assert TimeBudget.for_command(10, time.time(), final=True).search_share == 0.45
+
+
+def run(trial_id: str, seed: int, score: float) -> FinalRun:
+    return FinalRun(candidate=candidate(trial_id), seed=seed, params=Hyperparameters(), state={},
+                    curve=[{"epoch": 1.0, OBJECTIVE: score}], seconds=1.0, placement={})
+
+
+def test_the_winner_is_the_configuration_with_the_best_mean_over_seeds():
+    # b has the single best run, a the better mean: a wins, with its better seed.
+    runs = [run("a", 0, 0.90), run("a", 1, 0.92), run("b", 0, 0.95), run("b", 1, 0.80)]
+    winner = pick_winner(runs)
+    assert (winner.candidate.trial_id, winner.seed) == ("a", 1)
+
+
+def test_final_flags_and_default_budget():
+    parse = get_args_parser().parse_args
+    plan = build_plan(parse([]))
+    assert plan.budget_minutes == DEFAULT_BUDGET_MINUTES and plan.final == FinalSettings()
+    smoke = build_plan(parse(["--smoke-test"]))
+    assert smoke.budget_minutes is None and smoke.final.epochs == 1
+    assert build_plan(parse(["--time-budget", "0"])).budget_minutes is None
+    custom = build_plan(parse(["--final-top-k", "3", "--final-seeds", "2", "--final-epochs", "7", "--no-final"]))
+    assert custom.final == FinalSettings(epochs=7, top_k=3, seeds=2, enabled=False)
+    for flags, message in [(["--time-budget", "-1"], "--time-budget must be >= 0"),
+                           (["--final-top-k", "0"], "--final-top-k must be >= 1"),
+                           (["--final-seeds", "0"], "--final-seeds must be >= 1"),
+                           (["--final-epochs", "0"], "--final-epochs must be >= 1")]:
+        with pytest.raises(ConfigError, match=message):
+            build_plan(parse(flags))
+
+
+def test_one_rank_alone_stops_when_another_epoch_would_pass_the_deadline():
+    assert out_of_time(None, torch.device("cpu"), 1)() is False
+    assert out_of_time(time.time() + 3600, torch.device("cpu"), 1)() is False
+    assert out_of_time(time.time() - 1, torch.device("cpu"), 1)() is True
+
+
+def test_fit_ends_after_the_report_where_stop_says_so():
+    images, labels = tiny_digits(np.random.default_rng(0), 300)
+    plan = split_plan(len(images), 0)
+    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
+                                                 shard_size=300)
+    reports, asked = [], []
+
+    def stop() -> bool:
+        asked.append(len(reports))
+        return len(reports) == 2
+
+    torch.set_num_threads(1)
+    fit(Hyperparameters(depth=2, width=4, head_width=16, batch_size=32), max_epochs=3, first_epoch_reports=1,
+        reports_per_epoch=1, train_data=lambda epoch: split("train", epoch), val_data=split("val", 0),
+        train_rows=len(split("train", 0)["label"]), report=lambda metrics, state: reports.append(metrics["epoch"]),
+        device=torch.device("cpu"), stop=stop)
+    assert reports == [1.0, 2.0] and asked == [1, 2]
+
+
+@pytest.mark.ray
+def test_the_stream_reader_hands_out_exact_pieces_across_blocks(ray_session):
+    import ray
+
+    from raylocal.data import StreamReader
+
+    rows = [{"image": np.full((75, 75), i % 256, np.uint8), "box": np.zeros(4, np.float32), "label": i,
+             "extra": 0} for i in range(100)]
+    reader = StreamReader(ray.data.from_items(rows, override_num_blocks=7).iterator())
+    pieces = [reader.take(30) for _ in range(3)]
+    assert [len(piece["label"]) for piece in pieces] == [30, 30, 30]
+    assert set(pieces[0]) == {"image", "box", "label"}
+    seen = np.concatenate([piece["label"] for piece in pieces])
+    assert len(set(seen.tolist())) == 90
+    with pytest.raises(RuntimeError, match="ended 20 rows short"):
+        reader.take(30)
+
+
+def test_fit_replans_its_epochs_after_the_first_and_keeps_the_schedule_continuous():
+    images, labels = tiny_digits(np.random.default_rng(1), 300)
+    plan = split_plan(len(images), 0)
+    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
+                                                 shard_size=300)
+    params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32)
+    reports, asked = [], []
+
+    def replan(seconds: float) -> int:
+        asked.append(seconds)
+        return 3
+
+    torch.set_num_threads(1)
+    fit(params, max_epochs=6, first_epoch_reports=2, reports_per_epoch=1, train_data=lambda epoch: split("train", epoch),
+        val_data=split("val", 0), train_rows=len(split("train", 0)["label"]),
+        report=lambda metrics, state: reports.append((metrics["epoch"], state["max_epochs"],
+                                                      state["scheduler"]["total_steps"])),
+        device=torch.device("cpu"), replan=replan)
+    steps = len(split("train", 0)["label"]) // 32
+    assert len(asked) == 1 and asked[0] > 0
+    assert reports == [(0.5, 6, 6 * steps), (1.0, 3, 3 * steps), (2.0, 3, 3 * steps), (3.0, 3, 3 * steps)]
+
+
+def test_the_replan_fits_the_epochs_left_before_the_deadline_up_to_the_cap():
+    replan = fit_to_deadline(time.time() + 100, cap=30, device=torch.device("cpu"), world_size=1)
+    assert replan(10.0) == 1 + 9  # 100 s left at 10 s an epoch (a few ms already gone)
+    assert replan(1.0) == 30
+    assert fit_to_deadline(time.time() - 5, cap=30, device=torch.device("cpu"), world_size=1)(10.0) == 1
