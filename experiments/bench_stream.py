@@ -54,15 +54,17 @@ class Sampler(threading.Thread):
 
 
 def main(args) -> None:
-    from raylocal.data import STREAM_STORE_BYTES, build_search_data
-    from raylocal.final import Candidate, train_final
-    from raylocal.layout import cluster_resources, final_layout
-    from raylocal.train import TrialSettings
-
-    benchlib.print_setup("final-phase stream memory", epochs=args.epochs, train_digits=args.train_digits,
-                         depth=args.depth, width=args.width, stream_budget_mib=STREAM_STORE_BYTES // MIB)
-    mnist = benchlib.load_digits(args)
     with benchlib.local_ray(2), tempfile.TemporaryDirectory() as storage:
+        # After the start: importing Ray before it (print_setup names its version) would lose its
+        # loopback switch.
+        benchlib.print_setup("final-phase stream memory", epochs=args.epochs, train_digits=args.train_digits,
+                             depth=args.depth, width=args.width)
+        mnist = benchlib.load_digits(args)
+        from raylocal.data import STREAM_STORE_BYTES, build_search_data
+        from raylocal.final import Candidate, train_final
+        from raylocal.layout import cluster_resources, final_layout
+        from raylocal.train import TrialSettings
+
         data = build_search_data(mnist, DataSettings(train_digits=args.train_digits, test_digits=2000), epochs=1,
                                  seed=args.seed, log=lambda line: print(f"# {line}"))
         layout = final_layout(*cluster_resources())

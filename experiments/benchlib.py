@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import os
 import platform
 import time
@@ -32,10 +33,10 @@ def print_setup(name: str, **settings) -> None:
     import torch
 
     versions = f"torch {torch.__version__}"
-    with contextlib.suppress(ImportError):
-        import ray
-
-        versions += f", ray {ray.__version__}"
+    # The version from the package's metadata: importing Ray before `local_ray` starts it would
+    # lose the loopback switch (raylocal.cluster refuses such a start).
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        versions += f", ray {importlib.metadata.version('ray')}"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"# {name}: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {device}, {versions}")
     print("# settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()))

@@ -67,7 +67,13 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
     best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="all", filter_nan_and_inf=True)
     checkpoint, epoch_metrics = best_checkpoint(best)
     search_validation = {key: float(value) for key, value in epoch_metrics.items() if key.startswith("val_")}
-    if final is None:
+    # Both are scored on the same validation split: a final run too short to catch up with the
+    # search's best checkpoint (a small time budget) does not replace it.
+    use_final = final is not None and final.winner.validation[OBJECTIVE] >= search_validation[OBJECTIVE]
+    if final is not None and not use_final:
+        log(f"final: validation {OBJECTIVE} {final.winner.validation[OBJECTIVE]:.4f} is below the search's best "
+            f"checkpoint ({search_validation[OBJECTIVE]:.4f}); exporting that checkpoint")
+    if not use_final:
         model, params, epoch = load_model(checkpoint)
         validation, trial_id, source = search_validation, best.metrics.get("trial_id"), "search"
     else:
@@ -76,7 +82,7 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
     started = time.perf_counter()
     device = torch.device("cpu")
     test = summarize(evaluate(model, to_tensors(data.test.fetch(), device), params, device), "test")
-    log(f"{'final model of trial' if final else 'best trial'} {trial_id} epoch {epoch:g}: scored {data.test.rows:,} "
+    log(f"{'final model of trial' if use_final else 'best trial'} {trial_id} epoch {epoch:g}: scored {data.test.rows:,} "
         f"test canvases in {time.perf_counter() - started:.1f}s")
     summary = {
         "task": TASK,
@@ -101,7 +107,7 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
             "best_trial": {"trial_id": best.metrics.get("trial_id"), "epoch": float(epoch_metrics.get("epoch", 0)),
                            "validation": search_validation},
         },
-        "final": final.card() if final else None,
+        "final": final.card() | {"exported": use_final} if final else None,
     }
     summary["export_dir"] = str(export_model(model, plan.export_dir, summary, log=log))
     return summary

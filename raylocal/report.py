@@ -237,7 +237,7 @@ def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path)
                   "Hyperparameters: " + (", ".join(f"`{n}` = {cell(record[n])}" for n in names) or "none searched")
                   + "."]
         if card.get("test"):
-            which = "final training of trial" if card.get("final") else "trial"
+            which = "final training of trial" if card.get("model_from") == "final" else "trial"
             lines += ["", f"Test split (the export's model_card.json, {which} `{card.get('trial_id')}` epoch "
                       f"{card.get('epoch')}): " + ", ".join(f"{k.removeprefix('test_')} {v:.4f}"
                                                         for k, v in card["test"].items()) + "."]
@@ -259,7 +259,8 @@ def final_section(final: dict[str, Any]) -> list[str]:
     """The final phase from the model card: its plan, its runs and the exported run's curve."""
     columns = ("epoch", OBJECTIVE, "val_mean_iou", "val_accuracy", "train_loss", "report_seconds")
     lines = ["", "## Final training", "", final["plan"] + ".", "",
-             f"Exported: trial `{final['trial_id']}`, seed {final['seed']}, {final['epochs_trained']:g} of "
+             ("Exported" if final.get("exported", True) else "Not exported (below the search's best checkpoint on "
+                                                              "validation)") + f": trial `{final['trial_id']}`, seed {final['seed']}, {final['epochs_trained']:g} of "
              f"{final['epochs_after_first_epoch']} epochs (planned {final['epochs_planned']} before it started)" + (" (stopped by the time budget)" if final["stopped_by_time_budget"]
                                                     else "") + f", {final['seconds']:g} s."]
     if len(final["runs"]) > 1:

@@ -2,8 +2,8 @@
 
 Starts (or joins) one Ray instance, synthesizes the data once with Ray Data, runs a Ray
 Tune search with Optuna's TPE sampler and ASHA early stopping, maximizing detection-style
-mean IoU on the validation split, then scores the best checkpoint on the test split and
-exports it.
+mean IoU on the validation split, trains the winner again on every worker for the rest of
+the time budget (`raylocal.final`), then scores that model on the test split and exports it.
 """
 
 from __future__ import annotations
