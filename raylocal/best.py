@@ -34,12 +34,16 @@ def best_checkpoint(result) -> tuple[Any, dict[str, Any]]:
     return train.Checkpoint(row["checkpoint_path"]), row
 
 
-def load_model(checkpoint):
-    state = load_checkpoint_state(checkpoint)
-    params = Hyperparameters(**state["hyperparameters"])
+def model_from_state(state: dict[str, Any], params: Hyperparameters):
+    """(model in eval mode, hyperparameters, epoch) from a checkpoint state written by `engine.fit`."""
     model = build_model(params.model_config())
     model.load_state_dict(state["model"])
     return model.eval(), params, state["epoch"]
+
+
+def load_model(checkpoint):
+    state = load_checkpoint_state(checkpoint)
+    return model_from_state(state, Hyperparameters(**state["hyperparameters"]))
 
 
 def check_finished(results) -> list:
@@ -49,14 +53,6 @@ def check_finished(results) -> list:
     if not finished:
         raise RuntimeError(f"no trial reported {OBJECTIVE}; first error: {errors[0] if errors else 'none'}")
     return errors
-
-
-def final_model(final):
-    """The final phase's model, hyperparameters (global batch) and epochs trained."""
-    params = final.winner.params
-    model = build_model(params.model_config())
-    model.load_state_dict(final.winner.state["model"])
-    return model.eval(), params, final.winner.state["epoch"]
 
 
 def export_best(results, data: SearchData, settings: TrialSettings, plan, *, search_seconds: float, final=None,
@@ -77,7 +73,8 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
         model, params, epoch = load_model(checkpoint)
         validation, trial_id, source = search_validation, best.metrics.get("trial_id"), "search"
     else:
-        model, params, epoch = final_model(final)
+        # The final run's hyperparameters with the global batch, not the per-worker one its state holds.
+        model, params, epoch = model_from_state(final.winner.state, final.winner.params)
         validation, trial_id, source = final.winner.validation, final.winner.candidate.trial_id, "final"
     started = time.perf_counter()
     device = torch.device("cpu")

@@ -208,8 +208,8 @@ def fit(
             max_epochs = max(1, replan(time.perf_counter() - started))
             schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
             scheduler = one_cycle(optimizer, params, steps_per_epoch * max_epochs, done_steps=steps_per_epoch)
-        state = checkpoint_state(model, optimizer, scheduler, params, device, index + 1, metrics["epoch"])
-        report(metrics, state | {"max_epochs": max_epochs})
+        report(metrics, checkpoint_state(model, optimizer, scheduler, params, device, index + 1, metrics["epoch"],
+                                         max_epochs))
         index += 1
         if index < len(schedule) and stop():
             return
@@ -238,7 +238,8 @@ def train_and_score(model, optimizer, scheduler, chunk, val, params: Hyperparame
     return summarize(train_sums, "train") | summarize(val_sums, "val") | {"train_images_per_s": trained / train_seconds}
 
 
-def checkpoint_state(model, optimizer, scheduler, params: Hyperparameters, device, report: int, epoch: float) -> dict:
+def checkpoint_state(model, optimizer, scheduler, params: Hyperparameters, device, report: int, epoch: float,
+                     max_epochs: int) -> dict:
     """Everything a resumed run needs to continue exactly after report number `report`."""
     return {
         "model": unwrap(model).state_dict(),
@@ -248,5 +249,6 @@ def checkpoint_state(model, optimizer, scheduler, params: Hyperparameters, devic
         "rng": torch.get_rng_state(),
         **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
         "epoch": epoch,
+        "max_epochs": max_epochs,  # the plan a resumed run keeps (a re-plan may have changed it)
         "hyperparameters": asdict(params),
     }
