@@ -240,6 +240,20 @@ class Experiment:
             data=DataSettings(**described["data"]),
         )
 
+    def start_point(self) -> dict[str, Any]:
+        """The configuration the search tries first: the one a user would train without a search
+        (the defaults, or the experiment's), each moved into its searched range (a choice that
+        lacks it takes its first value). A search then starts from a known good point, and its
+        winner is at least that point at the search's fidelity."""
+        point = {}
+        for dim in self.space:
+            value = getattr(self.fixed, dim.name)
+            if dim.kind == "choice":
+                point[dim.name] = value if value in dim.values else dim.values[0]
+            else:
+                point[dim.name] = type(value)(min(max(value, dim.low), dim.high))
+        return point
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,

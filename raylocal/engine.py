@@ -173,9 +173,10 @@ def fit(
     `wrap` turns the model into its distributed form (DDP) after it is on the device.
     `resume` is a checkpoint state written by an earlier call; training continues after it.
     `stop()` is asked after every report; True ends training there (a time budget ran out).
-    `replan(seconds)` is asked once, after the first epoch of a fresh run, with the seconds that
-    epoch took; the number of epochs it returns replaces `max_epochs`, and the learning-rate
-    schedule is stretched or shrunk to it from where it stands.
+    `replan(done, seconds)` is asked after every epoch that leaves epochs to train, with the epochs
+    done and the seconds the last one took; the number of epochs it returns (at least `done`)
+    replaces `max_epochs`, and the learning-rate schedule is stretched or shrunk to it from where
+    it stands. Returning `done` ends training there.
     """
     torch.manual_seed(seed)
     # Channels-last: on CPUs the faster layout for these convolutions, on GPUs the one
@@ -192,7 +193,7 @@ def fit(
     model = wrap(model)
     val = to_tensors(val_data, device)
     epoch_data, loaded_epoch = None, None
-    started = time.perf_counter()
+    epoch_started = time.perf_counter()
     index = first_report
     while index < len(schedule):
         epoch, part, parts = schedule[index]
@@ -204,10 +205,16 @@ def fit(
         metrics = train_and_score(model, optimizer, scheduler, tuple(column[rows] for column in epoch_data), val,
                                   params, device)
         metrics |= {"epoch": epoch + (part + 1) / parts, "report_seconds": time.perf_counter() - report_started}
-        if replan is not None and first_report == 0 and metrics["epoch"] == 1:
-            max_epochs = max(1, replan(time.perf_counter() - started))
-            schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
-            scheduler = one_cycle(optimizer, params, steps_per_epoch * max_epochs, done_steps=steps_per_epoch)
+        if part == parts - 1:
+            done, seconds, epoch_started = epoch + 1, time.perf_counter() - epoch_started, time.perf_counter()
+            if replan is not None and done < max_epochs:
+                planned = max(done, replan(done, seconds))
+                if planned != max_epochs:
+                    max_epochs = planned
+                    schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
+                    if planned > done:
+                        scheduler = one_cycle(optimizer, params, steps_per_epoch * planned,
+                                              done_steps=steps_per_epoch * done)
         report(metrics, checkpoint_state(model, optimizer, scheduler, params, device, index + 1, metrics["epoch"],
                                          max_epochs))
         index += 1

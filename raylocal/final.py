@@ -34,7 +34,7 @@ DDP_EFFICIENCY = 0.8
 # export with its checks, report); both measured on 2 cores, see experiments/RESULTS.md.
 START_SECONDS = 40
 FINISH_SECONDS = 60
-# The share of a time budget the search may use; the final phase gets the rest.
+# The search's share of the time a budget leaves to train; the final phase gets the rest.
 SEARCH_SHARE = 0.45
 
 
@@ -59,29 +59,39 @@ class TimeBudget:
 
     seconds: float
     started: float
-    search_share: float = SEARCH_SHARE
-
-    def search_seconds(self) -> float:
-        # At least a second: Tune reads a time budget of 0 as none at all.
-        return max(1.0, self.started + self.seconds * self.search_share - time.time())
+    final: bool = True  # False: no final phase, the search may use all of it
 
     @property
     def deadline(self) -> float:
-        """When the final phase must have ended, leaving time to score and export."""
+        """When training must have ended, leaving time to score and export."""
         return self.started + self.seconds - FINISH_SECONDS
+
+    def search_seconds(self) -> float:
+        """The search's share of the time that can still train: what is left before the deadline
+        less the final run's start-up, so that fixed costs (Ray, the data, Train's start-up) are
+        not taken from the final phase alone, which would starve it in small budgets. At least a
+        second: Tune reads a time budget of 0 as none at all."""
+        left = self.deadline - time.time()
+        if self.search_takes_all(left):
+            return max(1.0, left)
+        return SEARCH_SHARE * (left - START_SECONDS)
+
+    def search_takes_all(self, left: float) -> bool:
+        """Without a final phase, or with no room for a final epoch after a search of any length."""
+        return not self.final or left - START_SECONDS <= START_SECONDS
 
     @classmethod
     def for_command(cls, minutes: float, started: float, final: bool) -> TimeBudget:
-        """Without a final phase the search may use all of it but the time to score and export."""
-        seconds = minutes * 60
-        return cls(seconds, started, SEARCH_SHARE if final else max(0.0, 1 - FINISH_SECONDS / seconds))
+        return cls(minutes * 60, started, final)
 
-    def describe(self) -> str:
+    def describe(self, search_seconds: float) -> str:
         minutes = self.seconds / 60
-        rest = (f"the final phase gets what is left less {FINISH_SECONDS} s for scoring and export"
-                if self.search_share == SEARCH_SHARE else f"then {FINISH_SECONDS} s for scoring and export")
+        takes_all = self.search_takes_all(self.deadline - time.time())
+        rest = (f"then {FINISH_SECONDS} s for scoring and export" + (" (no room for a final phase)" if self.final else "")
+                if takes_all else f"the final phase gets what is left less {FINISH_SECONDS} s for scoring and export")
+        share = "" if takes_all else f" ({SEARCH_SHARE:.0%} of the time left to train)"
         return (f"time budget: {minutes:g} min for the whole command: the search stops starting and running trials "
-                f"after {minutes * self.search_share:.1f} min, {rest}")
+                f"{search_seconds / 60:.1f} min from now{share}, {rest}")
 
 
 @dataclass(frozen=True)
@@ -128,7 +138,7 @@ class FinalOutcome:
             "dist_backend": self.layout.dist_backend, "global_batch_size": self.winner.params.batch_size,
             # What each worker's loop really used (its checkpoint's hyperparameters).
             "batch_size_per_worker": self.winner.state["hyperparameters"]["batch_size"],
-            "epochs_planned": self.epochs, "epochs_after_first_epoch": self.winner.state["max_epochs"],
+            "epochs_planned": self.epochs, "epochs_replanned": self.winner.state["max_epochs"],
             "epochs_trained": self.winner.curve[-1]["epoch"],
             "stopped_by_time_budget": self.stopped_early,
             "trial_id": self.winner.candidate.trial_id, "seed": self.winner.seed,
@@ -187,7 +197,8 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
     """Train the top configurations from scratch; None when no epoch fits in the time left."""
     chosen = candidates(results, settings.top_k, search_settings.layout.workers)
     if not chosen:
-        raise RuntimeError(f"no trial reported {OBJECTIVE}; nothing to train")
+        raise RuntimeError(f"no trial reported {OBJECTIVE}; nothing to train"
+                           + (" (the time budget ended the search first: give more --time-budget)" if budget else ""))
     epochs, why = plan_epochs(settings, chosen, layout, data.train_epochs[0].rows, data.val.rows, budget)
     cap = epoch_cap(settings, budget)
     saved = saved_run(os.path.join(storage, "final", run_name(0, search_settings.seed)))
@@ -203,7 +214,7 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
         return None
     plan = (f"final: {len(chosen)} configuration(s) x {settings.seeds} seed(s), each trained from scratch by a "
             f"TorchTrainer with {layout.workers} worker(s) ({layout.dist_backend}, {layout.reason}); {why}"
-            + ("; re-planned from the first epoch's measured time" if budget and not saved else ""))
+            + ("; re-planned after every epoch from its measured time" if budget else ""))
     log(plan)
     jobs = [(rank, candidate, seed) for rank, candidate in enumerate(chosen)
             for seed in range(search_settings.seed, search_settings.seed + settings.seeds)]
@@ -239,7 +250,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
                 deadline: float | None, storage: str, *, name: str, cap: int | None = None, log=print) -> FinalRun:
     """One final run: a TorchTrainer over `layout`'s workers, or the saved result of a run that
     already finished (a resumed command). With a deadline, the workers re-plan the number of
-    epochs after the first one, up to `cap`."""
+    epochs after every one, up to `cap`."""
     from ray import train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -361,13 +372,15 @@ def agree(value: float, device: torch.device, world_size: int) -> float:
 
 
 def fit_to_deadline(deadline: float, cap: int, device: torch.device, world_size: int):
-    """An `engine.fit` re-plan: as many epochs as fit before the deadline at the first epoch's pace
-    (the slowest rank's), at most `cap`. The plan made before the run rests on the search's speed,
-    which DDP can miss by half (width 8 on 2 cores: 2,050 canvases/s planned as 3,741)."""
+    """An `engine.fit` re-plan, asked after every epoch: the epochs done and as many more as fit
+    before the deadline at the last epoch's pace (the slowest rank's), at most `cap`. The plan made
+    before the run rests on the search's speed, which DDP can miss by half (width 8 on 2 cores:
+    2,050 canvases/s planned as 3,741); the first epoch also holds the workers' warm-up, so the
+    second one corrects the first's pessimism."""
 
-    def replan(first_epoch_seconds: float) -> int:
-        seconds = agree(first_epoch_seconds, device, world_size)
-        return max(1, min(cap, 1 + math.floor((deadline - time.time()) / seconds)))
+    def replan(done: int, seconds: float) -> int:
+        seconds = agree(seconds, device, world_size)
+        return max(1, min(cap, done + max(0, math.floor((deadline - time.time()) / seconds))))
 
     return replan
 

@@ -258,11 +258,14 @@ def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path)
 def final_section(final: dict[str, Any]) -> list[str]:
     """The final phase from the model card: its plan, its runs and the exported run's curve."""
     columns = ("epoch", OBJECTIVE, "val_mean_iou", "val_accuracy", "train_loss", "report_seconds")
+    exported = ("Exported" if final.get("exported", True)
+                else "Not exported (below the search's best checkpoint on validation)")
+    # Cards written before re-planning after every epoch name the last plan differently.
+    last_plan = final.get("epochs_replanned", final.get("epochs_after_first_epoch"))
+    stopped = " (stopped by the time budget)" if final["stopped_by_time_budget"] else ""
     lines = ["", "## Final training", "", final["plan"] + ".", "",
-             ("Exported" if final.get("exported", True) else "Not exported (below the search's best checkpoint on "
-                                                              "validation)") + f": trial `{final['trial_id']}`, seed {final['seed']}, {final['epochs_trained']:g} of "
-             f"{final['epochs_after_first_epoch']} epochs (planned {final['epochs_planned']} before it started)" + (" (stopped by the time budget)" if final["stopped_by_time_budget"]
-                                                    else "") + f", {final['seconds']:g} s."]
+             f"{exported}: trial `{final['trial_id']}`, seed {final['seed']}, {final['epochs_trained']:g} of "
+             f"{last_plan} epochs (planned {final['epochs_planned']} before it started){stopped}, {final['seconds']:g} s."]
     if len(final["runs"]) > 1:
         lines += ["", "| trial_id | search score | seed | final " + OBJECTIVE + " |", "|---|---|---|---|"]
         lines += [f"| {r['trial_id']} | {cell(r['search_score'])} | {r['seed']} | {cell(r[OBJECTIVE])} |"

@@ -220,7 +220,8 @@ def logger_callbacks(args: argparse.Namespace, plan: Plan) -> list:
 
 
 def search_algorithm(args: argparse.Namespace, plan: Plan):
-    """Optuna's TPE over the experiment's space (None when nothing is searched)."""
+    """Optuna's TPE over the experiment's space, starting from the experiment's start point
+    (None when nothing is searched)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -230,7 +231,7 @@ def search_algorithm(args: argparse.Namespace, plan: Plan):
     storage = optuna.storages.RDBStorage(args.optuna_storage) if args.optuna_storage else None
     sampler = make_sampler(plan.experiment.budget.trials, args.seed)
     return OptunaSearch(space=space, metric=OBJECTIVE, mode="max", sampler=sampler, study_name=plan.name,
-                        storage=storage)
+                        storage=storage, points_to_evaluate=[plan.experiment.start_point()])
 
 
 def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_failures: int,
@@ -297,8 +298,6 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
     experiment, budget = plan.experiment, plan.experiment.budget
     time_budget = TimeBudget.for_command(plan.budget_minutes, started, plan.final.enabled) if plan.budget_minutes else None
     layout = cluster_layout(args, log)
-    if time_budget:
-        log(time_budget.describe())
     if args.quiet:
         import ray.data
 
@@ -313,6 +312,8 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings),
                                     layout.trial_resources())
     search_seconds = time_budget.search_seconds() if time_budget else None
+    if time_budget:
+        log(time_budget.describe(search_seconds))
     tuner = make_tuner(args, plan, trainable, layout, settings.max_failures, time_budget_s=search_seconds)
     log(describe_search(plan))
     if not plan.resume:

@@ -298,3 +298,18 @@ def test_types_come_from_the_annotations_also_for_optional_fields():
     for bad in (2.5, "100", True):
         with pytest.raises(ConfigError, match="data.train_digits"):
             checked(DataSettings, "data", {"train_digits": bad})
+
+
+def test_the_start_point_is_the_unsearched_default_moved_into_each_range():
+    assert Experiment().start_point() == {"depth": 4, "width": 16, "lr": 3e-3, "box_loss_weight": 0.1}
+    experiment = parse_experiment({
+        "fixed": {"depth": 2},
+        "space": {"lr": {"type": "loguniform", "low": 1e-2, "high": 1e-1},  # default 3e-3 lies below
+                  "width": {"type": "choice", "values": [4, 8]},  # default 16 is not a choice
+                  "dropout": {"type": "uniform", "low": 0.0, "high": 0.05},  # default 0.1 lies above
+                  "batch_size": {"type": "int", "low": 32, "high": 256}},
+    }, "x")
+    point = experiment.start_point()
+    assert point == {"lr": 1e-2, "width": 4, "dropout": 0.05, "batch_size": 128}
+    assert type(point["batch_size"]) is int
+    Hyperparameters.from_dict(point)  # a valid configuration

@@ -17,6 +17,7 @@ from raylocal.final import (
     DEFAULT_FINAL_EPOCHS,
     FINISH_SECONDS,
     MAX_FINAL_EPOCHS,
+    SEARCH_SHARE,
     START_SECONDS,
     Candidate,
     FinalRun,
@@ -75,15 +76,23 @@ def test_with_a_budget_the_epochs_fill_the_time_left_at_the_searched_speed():
     assert plan_epochs(FinalSettings(), [candidate("a")], layout, rows, val_rows, spent)[0] == 0
 
 
-def test_the_search_gets_its_share_of_the_budget_from_the_start_of_the_command():
-    budget = TimeBudget(seconds=1000, started=time.time() - 100, search_share=0.5)
-    assert budget.search_seconds() == pytest.approx(400, abs=2)
-    assert budget.deadline == pytest.approx(budget.started + 1000 - FINISH_SECONDS)
+def test_the_search_gets_its_share_of_the_time_left_to_train():
+    budget = TimeBudget(seconds=1000 + FINISH_SECONDS, started=time.time() - 100)
+    assert budget.deadline == pytest.approx(budget.started + 1000)
+    # 900 s left before the deadline, less the final run's start-up, and the search's share of that.
+    assert budget.search_seconds() == pytest.approx(SEARCH_SHARE * (900 - START_SECONDS), abs=2)
     assert TimeBudget(seconds=100, started=time.time() - 100).search_seconds() == 1.0  # Tune reads 0 as none
-    assert "the search stops" in budget.describe()
+    # Too little left for a final run to start and train: the search takes all of it.
+    tight = TimeBudget(seconds=2 * START_SECONDS + FINISH_SECONDS, started=time.time())
+    assert tight.search_seconds() == pytest.approx(2 * START_SECONDS, abs=2)
+    assert "(no room for a final phase)" in tight.describe(tight.search_seconds())
+    assert "stops starting and running trials 6.4 min from now (45% of the time left to train)" in budget.describe(384)
     alone = TimeBudget.for_command(10, time.time(), final=False)
     assert alone.search_seconds() == pytest.approx(600 - FINISH_SECONDS, abs=2)
-    assert TimeBudget.for_command(10, time.time(), final=True).search_share == 0.45
+    assert "45%" not in alone.describe(alone.search_seconds())
+    # Fixed costs come off the top, not off the final phase alone: a small budget's search is smaller.
+    small, large = (TimeBudget.for_command(minutes, time.time(), final=True) for minutes in (6, 19))
+    assert small.search_seconds() / 360 < large.search_seconds() / (19 * 60) < SEARCH_SHARE
 
 
 def run(trial_id: str, seed: int, score: float) -> FinalRun:
@@ -158,31 +167,53 @@ def test_the_stream_reader_hands_out_exact_pieces_across_blocks(ray_session):
         reader.take(30)
 
 
-def test_fit_replans_its_epochs_after_the_first_and_keeps_the_schedule_continuous():
+def test_fit_replans_after_every_epoch_and_keeps_the_schedule_continuous():
     images, labels = tiny_digits(np.random.default_rng(1), 300)
     plan = split_plan(len(images), 0)
     split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
                                                  shard_size=300)
     params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32)
     reports, asked = [], []
+    plans = iter([3, 4, 4])  # after epochs 1, 2 and 3: shrink, then grow, then keep
 
-    def replan(seconds: float) -> int:
-        asked.append(seconds)
-        return 3
+    def replan(done: int, seconds: float) -> int:
+        asked.append((done, seconds))
+        return next(plans)
 
     torch.set_num_threads(1)
     fit(params, max_epochs=6, first_epoch_reports=2, reports_per_epoch=1, train_data=lambda epoch: split("train", epoch),
         val_data=split("val", 0), train_rows=len(split("train", 0)["label"]),
         report=lambda metrics, state: reports.append((metrics["epoch"], state["max_epochs"],
-                                                      state["scheduler"]["total_steps"])),
+                                                      state["scheduler"]["total_steps"],
+                                                      state["scheduler"]["last_epoch"])),
         device=torch.device("cpu"), replan=replan)
     steps = len(split("train", 0)["label"]) // 32
-    assert len(asked) == 1 and asked[0] > 0
-    assert reports == [(0.5, 6, 6 * steps), (1.0, 3, 3 * steps), (2.0, 3, 3 * steps), (3.0, 3, 3 * steps)]
+    # Asked after each epoch that leaves epochs to train (not after the last), with its seconds.
+    assert [done for done, _ in asked] == [1, 2, 3] and all(seconds > 0 for _, seconds in asked)
+    # The schedule is rebuilt at each change, continuing from the steps already taken.
+    assert reports == [(0.5, 6, 6 * steps, steps // 2), (1.0, 3, 3 * steps, steps), (2.0, 4, 4 * steps, 2 * steps),
+                       (3.0, 4, 4 * steps, 3 * steps), (4.0, 4, 4 * steps, 4 * steps)]
+
+
+def test_a_replan_to_the_epochs_done_ends_training_there():
+    images, labels = tiny_digits(np.random.default_rng(1), 300)
+    plan = split_plan(len(images), 0)
+    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
+                                                 shard_size=300)
+    params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32)
+    reports = []
+    torch.set_num_threads(1)
+    fit(params, max_epochs=5, first_epoch_reports=1, reports_per_epoch=1, train_data=lambda epoch: split("train", epoch),
+        val_data=split("val", 0), train_rows=len(split("train", 0)["label"]),
+        report=lambda metrics, state: reports.append((metrics["epoch"], state["max_epochs"])),
+        device=torch.device("cpu"), replan=lambda done, seconds: 0 if done == 2 else 5)
+    assert reports == [(1.0, 5), (2.0, 2)]
 
 
 def test_the_replan_fits_the_epochs_left_before_the_deadline_up_to_the_cap():
     replan = fit_to_deadline(time.time() + 100, cap=30, device=torch.device("cpu"), world_size=1)
-    assert replan(10.0) == 1 + 9  # 100 s left at 10 s an epoch (a few ms already gone)
-    assert replan(1.0) == 30
-    assert fit_to_deadline(time.time() - 5, cap=30, device=torch.device("cpu"), world_size=1)(10.0) == 1
+    assert replan(1, 10.0) == 1 + 9  # 100 s left at 10 s an epoch (a few ms already gone)
+    assert replan(4, 10.0) == 4 + 9
+    assert replan(1, 1.0) == 30
+    late = fit_to_deadline(time.time() - 5, cap=30, device=torch.device("cpu"), world_size=1)
+    assert late(3, 10.0) == 3 and late(0, 10.0) == 1

@@ -1,6 +1,7 @@
 """What the search does, read back from what it saved: ASHA stops trials at its rungs, every
-Optuna trial holds its value, the seed fixes the first configurations, and TPE then samples
-differently from what its seeded random start-up alone would give. Eight toy trials."""
+Optuna trial holds its value, the search starts from the experiment's start point, the seed
+fixes the next configurations, and TPE then samples differently from what its seeded random
+start-up alone would give. Eight toy trials."""
 
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def random_only_configurations(experiment_dir) -> list[dict]:
 def test_the_seed_fixes_the_first_configurations_and_tpe_then_models(searched):
     import optuna
 
+    from raylocal.config import load_experiment
     from raylocal.tune import startup_trials
 
     experiment_dir, storage = searched
@@ -93,7 +95,10 @@ def test_the_seed_fixes_the_first_configurations_and_tpe_then_models(searched):
     searched_configurations = [trial.params for trial in sorted(study.trials, key=lambda trial: trial.number)]
     expected = random_only_configurations(experiment_dir)
     startup = startup_trials(TRIALS)
-    assert searched_configurations[:startup] == expected[:startup]
+    # The search starts from the experiment's start point, then draws the seeded random start-up.
+    start_point = load_experiment(experiment_dir.parents[1] / "space.toml").start_point()
+    assert searched_configurations[0] == start_point
+    assert searched_configurations[1:startup] == expected[:startup - 1]
     # A trial asked for while fewer than `startup` trials have finished is still drawn at random
     # (trials run two at a time here), so only some later ones need differ: random-only would
     # make every one of them equal.
