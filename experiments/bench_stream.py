@@ -32,6 +32,8 @@ def get_args_parser():
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--every", type=float, default=1.0, help="seconds between samples")
+    parser.add_argument("--coordinator", choices=("lowest", "normal"), default="lowest",
+                        help="priority of Ray Data's split coordinator: raylocal's (lowest) or as Ray starts it")
     return parser
 
 
@@ -58,7 +60,7 @@ def main(args) -> None:
         # After the start: importing Ray before it (print_setup names its version) would lose its
         # loopback switch.
         benchlib.print_setup("final-phase stream memory", epochs=args.epochs, train_digits=args.train_digits,
-                             depth=args.depth, width=args.width)
+                             depth=args.depth, width=args.width, coordinator=args.coordinator)
         mnist = benchlib.load_digits(args)
         from raylocal.data import STREAM_STORE_BYTES, build_search_data
         from raylocal.final import Candidate, train_final
@@ -76,7 +78,8 @@ def main(args) -> None:
         started = time.perf_counter()
         sampler.start()
         run = train_final(Candidate("fixed", {}, 0.0, 0.0, 0.0), args.seed, args.epochs, data, settings, layout, None,
-                          storage, name="stream", log=lambda line: print(f"# {line}"))
+                          storage, name="stream", log=lambda line: print(f"# {line}"),
+                          yield_cpu=args.coordinator == "lowest")
         sampler.done.set()
         sampler.join()
         wall = time.perf_counter() - started
@@ -95,6 +98,12 @@ def main(args) -> None:
           f"({rows:,} canvases per epoch)")
     print(f"trained {run.curve[-1]['epoch']:g} epochs in {wall:.1f}s; last validation det IoU "
           f"{run.curve[-1]['val_det_iou']:.4f}")
+    # Training speed of all workers together, epochs after the first (which holds the start-up).
+    speeds = sorted(row["train_images_per_s"] for row in run.curve[1:]) or [run.curve[0]["train_images_per_s"]]
+    seconds = sorted(row["report_seconds"] for row in run.curve[1:]) or [run.curve[0]["report_seconds"]]
+    print(f"training speed ({args.coordinator} coordinator): median {speeds[len(speeds) // 2]:,.0f} canvases/s "
+          f"over {max(1, len(run.curve) - 1)} epoch(s) (range {speeds[0]:,.0f}-{speeds[-1]:,.0f}); median epoch "
+          f"{seconds[len(seconds) // 2]:.1f} s")
 
 
 if __name__ == "__main__":

@@ -115,9 +115,10 @@ def ray_train_fit(params, data, val, threads: int, seed: int, device: torch.devi
     (and one GPU on CUDA)."""
     import ray
     from ray import train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from raylocal.data import SearchData, SplitRefs
+    from raylocal.ddp import torch_config
     from raylocal.train import TrialSettings, train_worker
 
     def refs(columns):
@@ -136,7 +137,7 @@ def ray_train_fit(params, data, val, threads: int, seed: int, device: torch.devi
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"params": asdict(params), "data": search_data, "settings": settings},
-        torch_config=TorchConfig(backend=layout.dist_backend),
+        torch_config=torch_config(layout.dist_backend),
         scaling_config=train.ScalingConfig(num_workers=1, use_gpu=layout.uses_gpus,
                                            resources_per_worker=layout.worker_resources()),
         run_config=train.RunConfig(name=f"bench-train-{os.getpid()}", storage_path=settings.storage_path),

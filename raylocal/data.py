@@ -154,6 +154,46 @@ def stream_options():
     return ExecutionOptions(resource_limits=ExecutionResources(object_store_memory=STREAM_STORE_BYTES))
 
 
+def stream_config(yield_cpu: bool = True):
+    """Ray Train's dataset settings for the stream: `stream_options`, and a split coordinator that
+    yields the CPU to training. Ray Data 2.60's scheduling loop spins whenever the stream is held
+    back by its budget with no task running, which is most of a final run (synthesis outpaces
+    training many times over); on 2 cores that spin took 0.5-0.7 of a core from the workers
+    (experiments/RESULTS.md, final phase). Run at the lowest priority, it still serves every
+    request, since the workers wait for it then, but never takes a core from them. `yield_cpu=False`
+    leaves it as Ray starts it (bench_stream.py measures both)."""
+    from ray.train import DataConfig
+
+    if not yield_cpu:
+        return DataConfig(execution_options=stream_options())
+
+    class StreamConfig(DataConfig):
+        def configure(self, *args, **kwargs):
+            output = super().configure(*args, **kwargs)
+            coordinators = {id(actor): actor for split in output for iterator in split.values()
+                            if (actor := getattr(iterator, "_coord_actor", None)) is not None}
+            ray.get([actor.__ray_call__.remote(lowest_priority) for actor in coordinators.values()])
+            return output
+
+    return StreamConfig(execution_options=stream_options())
+
+
+def lowest_priority(_actor=None) -> None:
+    """This process, every thread of it (Linux sets priorities per thread; threads started later
+    inherit them), runs only when a CPU would otherwise idle (SCHED_IDLE), or at nice 19."""
+    import os
+
+    threads = [int(tid) for tid in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else []
+    if threads and hasattr(os, "SCHED_IDLE"):
+        for tid in threads:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            except OSError:
+                pass  # a thread that ended meanwhile
+    else:
+        os.nice(19 - os.nice(0))
+
+
 class StreamReader:
     """Hands out a worker's stream in fixed-size pieces (one epoch's rows per call)."""
 

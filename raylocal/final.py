@@ -247,14 +247,16 @@ def pick_winner(runs: list[FinalRun]) -> FinalRun:
 
 
 def train_final(candidate: Candidate, seed: int, epochs: int, data, search_settings, layout: Layout,
-                deadline: float | None, storage: str, *, name: str, cap: int | None = None, log=print) -> FinalRun:
+                deadline: float | None, storage: str, *, name: str, cap: int | None = None, log=print,
+                yield_cpu: bool = True) -> FinalRun:
     """One final run: a TorchTrainer over `layout`'s workers, or the saved result of a run that
     already finished (a resumed command). With a deadline, the workers re-plan the number of
-    epochs after every one, up to `cap`."""
+    epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`."""
     from ray import train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
-    from raylocal.data import stream_options, train_stream
+    from raylocal.data import stream_config, train_stream
+    from raylocal.ddp import torch_config
     from raylocal.train import TrialSettings, load_checkpoint_state
 
     params = Hyperparameters.from_dict(search_settings.fixed | candidate.config)
@@ -277,7 +279,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
             final_worker,
             train_loop_config={"params": asdict(per_worker), "data": data, "settings": settings, "deadline": deadline,
                                "cap": cap},
-            torch_config=TorchConfig(backend=layout.dist_backend),
+            torch_config=torch_config(layout.dist_backend),
             scaling_config=train.ScalingConfig(num_workers=layout.workers, use_gpu=layout.uses_gpus,
                                                resources_per_worker=layout.worker_resources()),
             run_config=train.RunConfig(
@@ -289,7 +291,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
             # A function: Ray Train calls it each time it starts the workers, so workers restarted
             # after a failure stream the epochs after their checkpoint, not the first ones again.
             datasets={"train": lambda: train_stream(data, range(finished_epochs(run_dir), cap))},
-            dataset_config=train.DataConfig(execution_options=stream_options()),
+            dataset_config=stream_config(yield_cpu),
         )
         result = trainer.fit()
         if result.error:

@@ -184,15 +184,17 @@ def ddp_wrap(device: torch.device, world_size: int):
 
 
 def train_distributed(params: Hyperparameters, data: SearchData, settings: TrialSettings) -> None:
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raylocal.ddp import torch_config
 
     layout = settings.layout
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"params": asdict(params), "data": data, "settings": settings},
-        torch_config=TorchConfig(backend=layout.dist_backend),
+        torch_config=torch_config(layout.dist_backend),
         scaling_config=train.ScalingConfig(
             num_workers=layout.workers, use_gpu=layout.uses_gpus, resources_per_worker=layout.worker_resources()
         ),

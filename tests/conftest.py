@@ -130,6 +130,51 @@ def start_search(tmp_path):
                 process.stdout.close()
 
 
+LOOPBACK_IPS = ("127.0.0.1", "::1")
+
+
+class Listeners:
+    """The TCP sockets a process and all its descendants listen on, polled in a thread while
+    it runs (Ray's GCS, raylet, dashboard and workers, Train's workers with their rendezvous
+    store and gloo pairs): a set of (ip, port, command line)."""
+
+    def __init__(self, pid: int, every: float = 0.3):
+        import threading
+
+        self.pid, self.every, self.seen = pid, every, set()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.pid)
+                for process in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        command = " ".join(process.cmdline())[:100]
+                        self.seen |= {(c.laddr.ip, c.laddr.port, command) for c in process.net_connections("tcp")
+                                      if c.status == psutil.CONN_LISTEN}
+            self._done.wait(self.every)
+
+    def __enter__(self) -> Listeners:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+
+    def beyond_loopback(self) -> list[str]:
+        """Listeners on anything but loopback, one line each (IPv4 loopback mapped into IPv6 counts)."""
+        return sorted(f"{ip}:{port} {command.strip()}" for ip, port, command in self.seen
+                      if ip.removeprefix("::ffff:") not in LOOPBACK_IPS)
+
+    def of(self, command_part: str) -> list[tuple]:
+        return sorted(listener for listener in self.seen if command_part in listener[2])
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray cluster of the test session (Ray Train refuses to pick among several instances):

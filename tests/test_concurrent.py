@@ -1,4 +1,5 @@
-"""Two searches started together on one machine: each starts its own local Ray and exports its own model.
+"""Two searches started together on one machine: each starts its own local Ray, listens on
+loopback alone (its DDP rendezvous too) and exports its own model.
 
 Both train through Ray Train (two DDP workers a trial), the case where a second Ray instance
 on the machine used to hang the trial: Train's placement-group cleaner looked its cluster up
@@ -11,6 +12,7 @@ import csv
 import re
 
 import pytest
+from conftest import Listeners
 
 from raylocal.export import EXPORT_FILES
 
@@ -24,7 +26,13 @@ def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_
                            "--storage", str(tmp_path / "results"), "--name", name, "--workers-per-trial", "2", "--no-final")
         for name in ("first", "second")
     }
-    outputs = {name: process.communicate(timeout=400)[0] for name, process in runs.items()}
+    with Listeners(runs["first"].pid) as first, Listeners(runs["second"].pid) as second:
+        outputs = {name: process.communicate(timeout=400)[0] for name, process in runs.items()}
+    # Every socket either search listened on, its DDP trials' rendezvous store and gloo included,
+    # was on loopback: a local search is not reachable from the network.
+    for listeners in (first, second):
+        assert listeners.of("RayTrainWorker") and listeners.of("gcs_server"), sorted(listeners.seen)
+        assert not listeners.beyond_loopback(), listeners.beyond_loopback()
     for name, process in runs.items():
         assert process.returncode == 0, outputs[name]
         assert "Found multiple active Ray instances" not in outputs[name]

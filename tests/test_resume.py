@@ -61,11 +61,19 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
     pytest.fail("no moment with one trial finished and one running")
 
 
-def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search):
-    (tmp_path / "space.toml").write_text(EXPERIMENT)
+@pytest.mark.parametrize("workers", [
+    pytest.param(1, id="inline"),
+    # Trials of two DDP workers, one at a time on the session's two one-CPU nodes: each trial's Train
+    # run is found again by its stable name and continues from its own checkpoint.
+    pytest.param(2, id="ddp", marks=pytest.mark.slow),
+])
+def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search,
+                                                                 workers):
+    experiment = EXPERIMENT if workers == 1 else EXPERIMENT.replace("max_epochs = 8", "max_epochs = 4")
+    (tmp_path / "space.toml").write_text(experiment)
     experiment_dir = tmp_path / "results" / "resumable"
     first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--no-final",
-                   "--data-dir", str(tiny_mnist_dir), "--unverified-data")
+                   "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--workers-per-trial", str(workers))
     before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
@@ -89,6 +97,9 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     resumed_rows = after[interrupted][len(before[interrupted]):]
     assert resumed_rows, "the interrupted trial did not continue"
     assert min(row["training_iteration"] for row in resumed_rows) > 1
+    # Epochs continue from the checkpoint: the first resumed report follows one already saved.
+    saved_epochs = {row["epoch"] for row in before[interrupted]}
+    assert resumed_rows[0]["epoch"] > min(saved_epochs), (before[interrupted], resumed_rows)
     assert (experiment_dir / "best_model" / "model.pt2").is_file()
 
 

@@ -1,4 +1,5 @@
-"""Nothing from disk is unpickled beyond tensors: checkpoints and exported weights load weights-only."""
+"""Nothing from disk is unpickled beyond tensors (checkpoints and exported weights load weights-only),
+and a local search is reachable from this machine alone, with the token."""
 
 from __future__ import annotations
 
@@ -60,3 +61,50 @@ def test_the_dashboards_job_api_refuses_requests_without_the_token(ray_session):
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
+
+
+@pytest.mark.ray
+def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_token(tmp_path, tiny_mnist_dir,
+                                                                                      start_search):
+    """A default local search (inline trials, then a final run over two DDP workers): every socket
+    of its process tree is on loopback, its DDP rendezvous store included, and its dashboard's job
+    API refuses a request without the token and answers one with it. The instance's token is the
+    test session's (RAY_AUTH_TOKEN, inherited), so nothing is written into ~/.ray."""
+    import os
+    import re
+    import signal
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from conftest import Listeners
+
+    process = start_search("--smoke-test", "--quiet", "--data-dir", str(tiny_mnist_dir), "--unverified-data",
+                           "--storage", str(tmp_path / "results"), "--name", "listening")
+    # The kill fixture ends the group at teardown; this ends a hung search before pytest would.
+    watchdog = threading.Timer(400, lambda: os.killpg(process.pid, signal.SIGKILL))
+    watchdog.start()
+    answers, lines = {}, []
+    try:
+        with Listeners(process.pid) as listeners:
+            for line in process.stdout:
+                lines.append(line)
+                found = re.search(r"ray: dashboard at (\S+)", line)
+                if found:
+                    url = f"{found.group(1)}/api/jobs/"
+                    with pytest.raises(urllib.error.HTTPError) as refused:
+                        urllib.request.urlopen(url, timeout=10)
+                    answers["without"] = refused.value.code
+                    request = urllib.request.Request(
+                        url, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        answers["with"] = response.status
+            process.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+    output = "".join(lines)
+    assert process.returncode == 0, output
+    assert "final: final-1-seed0" in output  # the final phase ran: Train workers, a process group
+    assert answers == {"without": 401, "with": 200}, output
+    assert listeners.of("RayTrainWorker") and listeners.of("raylet") and listeners.of("dashboard"), listeners.seen
+    assert not listeners.beyond_loopback(), listeners.beyond_loopback()
