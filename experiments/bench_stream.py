@@ -32,6 +32,8 @@ def get_args_parser():
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--every", type=float, default=1.0, help="seconds between samples")
+    parser.add_argument("--cpus-per-worker", type=int, default=1,
+                        help="threads of each final-phase worker (2 on 2 cores: one worker, no DDP)")
     parser.add_argument("--coordinator", choices=("lowest", "normal"), default="lowest",
                         help="priority of Ray Data's split coordinator: raylocal's (lowest) or as Ray starts it")
     return parser
@@ -60,7 +62,8 @@ def main(args) -> None:
         # After the start: importing Ray before it (print_setup names its version) would lose its
         # loopback switch.
         benchlib.print_setup("final-phase stream memory", epochs=args.epochs, train_digits=args.train_digits,
-                             depth=args.depth, width=args.width, coordinator=args.coordinator)
+                             depth=args.depth, width=args.width, coordinator=args.coordinator,
+                             cpus_per_worker=args.cpus_per_worker)
         mnist = benchlib.load_digits(args)
         from raylocal.data import STREAM_STORE_BYTES, build_search_data
         from raylocal.final import Candidate, train_final
@@ -69,7 +72,7 @@ def main(args) -> None:
 
         data = build_search_data(mnist, DataSettings(train_digits=args.train_digits, test_digits=2000), epochs=1,
                                  seed=args.seed, log=lambda line: print(f"# {line}"))
-        layout = final_layout(*cluster_resources())
+        layout = final_layout(*cluster_resources(), cpus_per_worker=args.cpus_per_worker)
         params = Hyperparameters(depth=args.depth, width=args.width)
         settings = TrialSettings(max_epochs=1, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
                                  storage_path=storage, experiment_name="stream", seed=args.seed, fixed=asdict(params))
@@ -101,7 +104,8 @@ def main(args) -> None:
     # Training speed of all workers together, epochs after the first (which holds the start-up).
     speeds = sorted(row["train_images_per_s"] for row in run.curve[1:]) or [run.curve[0]["train_images_per_s"]]
     seconds = sorted(row["report_seconds"] for row in run.curve[1:]) or [run.curve[0]["report_seconds"]]
-    print(f"training speed ({args.coordinator} coordinator): median {speeds[len(speeds) // 2]:,.0f} canvases/s "
+    print(f"training speed ({layout.workers} worker(s) x {layout.cpus_per_worker} thread(s), {args.coordinator} "
+          f"coordinator): median {speeds[len(speeds) // 2]:,.0f} canvases/s "
           f"over {max(1, len(run.curve) - 1)} epoch(s) (range {speeds[0]:,.0f}-{speeds[-1]:,.0f}); median epoch "
           f"{seconds[len(seconds) // 2]:.1f} s")
 

@@ -16,7 +16,7 @@ from conftest import Listeners
 
 from raylocal.export import EXPORT_FILES
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_dir, start_search):
