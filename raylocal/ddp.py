@@ -30,7 +30,8 @@ def loopback_interface() -> str:
     return "lo0" if sys.platform == "darwin" else "lo"
 
 
-def join_process_group(backend: str, world_rank: int, world_size: int, address: str, port: int, timeout_s: float) -> None:
+def join_process_group(backend: str, world_rank: int, world_size: int, address: str, port: int,
+                       timeout_s: float) -> None:
     """Runs on every worker: rank 0 serves the store on `address:port` alone, the others join it."""
     import torch.distributed as dist
 

@@ -87,8 +87,9 @@ class TimeBudget:
     def describe(self, search_seconds: float) -> str:
         minutes = self.seconds / 60
         takes_all = self.search_takes_all(self.deadline - time.time())
-        rest = (f"then {FINISH_SECONDS} s for scoring and export" + (" (no room for a final phase)" if self.final else "")
-                if takes_all else f"the final phase gets what is left less {FINISH_SECONDS} s for scoring and export")
+        no_room = " (no room for a final phase)" if self.final else ""
+        rest = (f"then {FINISH_SECONDS} s for scoring and export{no_room}" if takes_all
+                else f"the final phase gets what is left less {FINISH_SECONDS} s for scoring and export")
         share = "" if takes_all else f" ({SEARCH_SHARE:.0%} of the time left to train)"
         return (f"time budget: {minutes:g} min for the whole command: the search stops starting and running trials "
                 f"{search_seconds / 60:.1f} min from now{share}, {rest}")

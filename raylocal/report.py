@@ -265,7 +265,8 @@ def final_section(final: dict[str, Any]) -> list[str]:
     stopped = " (stopped by the time budget)" if final["stopped_by_time_budget"] else ""
     lines = ["", "## Final training", "", final["plan"] + ".", "",
              f"{exported}: trial `{final['trial_id']}`, seed {final['seed']}, {final['epochs_trained']:g} of "
-             f"{last_plan} epochs (planned {final['epochs_planned']} before it started){stopped}, {final['seconds']:g} s."]
+             f"{last_plan} epochs (planned {final['epochs_planned']} before it started){stopped}, "
+             f"{final['seconds']:g} s."]
     if len(final["runs"]) > 1:
         lines += ["", "| trial_id | search score | seed | final " + OBJECTIVE + " |", "|---|---|---|---|"]
         lines += [f"| {r['trial_id']} | {cell(r['search_score'])} | {r['seed']} | {cell(r[OBJECTIVE])} |"
