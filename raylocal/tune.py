@@ -261,10 +261,7 @@ def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_fail
     run_config = tune.RunConfig(
         name=plan.name,
         storage_path=plan.storage,
-        progress_reporter=tune.CLIReporter(
-            metric_columns=SHOWN_METRICS, parameter_columns=[dim.name for dim in plan.experiment.space],
-            max_report_frequency=30, sort_by_metric=True,
-        ),
+        progress_reporter=progress_reporter(plan),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
                                                 checkpoint_score_order="max"),
         failure_config=tune.FailureConfig(max_failures=max_failures),
@@ -272,6 +269,16 @@ def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_fail
         verbose=0 if args.quiet else args.verbose,
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def progress_reporter(plan: Plan):
+    """Tune's status table with the searched hyperparameters and the metrics that matter. Not
+    sorted by the metric: Ray 2.60's sort fails (None < None) once two finished trials never
+    reported, which a time budget causes by stopping trials before their first report."""
+    from ray import tune
+
+    return tune.CLIReporter(metric_columns=SHOWN_METRICS, parameter_columns=[dim.name for dim in plan.experiment.space],
+                            max_report_frequency=30, sort_by_metric=False)
 
 
 def describe_search(plan: Plan) -> str:

@@ -100,3 +100,31 @@ def test_debug_shows_the_traceback_instead_of_one_line(capsys):
     assert cli(["--trials", "0"]) == 2
     with pytest.raises(ConfigError, match="--trials must be >= 1"):
         cli(["--trials", "0", "--debug"])
+
+
+@pytest.mark.ray
+def test_the_status_table_survives_trials_stopped_before_their_first_report(ray_session, tmp_path, capsys):
+    """A time budget stops running trials, some before their first report; the last status table
+    (with done=True) once failed on them (None < None in its sort) and ended the whole command."""
+    import copy
+    import time
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from raylocal.config import OBJECTIVE
+    from raylocal.tune import build_plan, get_args_parser, progress_reporter
+
+    reporter = progress_reporter(build_plan(get_args_parser().parse_args(["--smoke-test"])))
+    reporter.setup(metric=OBJECTIVE, mode="max", total_samples=3)
+    reporter.set_start_time(time.time())
+    config = {"depth": 4, "width": 8, "box_loss_weight": 0.1}
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="status")
+    trials = [Trial("run_trial", config=config | {"lr": lr}, stub=True, storage=storage) for lr in (1e-3, 2e-3, 3e-3)]
+    for index, trial in enumerate(trials):
+        trial.storage = copy.copy(storage)
+        trial.storage.trial_dir_name = f"trial_{index}"
+        trial.set_status(Trial.TERMINATED)
+    trials[1].run_metadata.last_result = {OBJECTIVE: 0.75, "epoch": 1.0, "config": trials[1].config}
+    reporter.report(trials, done=True)
+    assert "0.75" in capsys.readouterr().out
