@@ -167,12 +167,21 @@ def test_the_stream_reader_hands_out_exact_pieces_across_blocks(ray_session):
         reader.take(30)
 
 
-def test_fit_replans_after_every_epoch_and_keeps_the_schedule_continuous():
+def fit_tiny(max_epochs: int, first_epoch_reports: int, replan, report) -> int:
+    """`engine.fit` of a tiny model on 300 tiny digits with a re-plan; returns its steps per epoch."""
     images, labels = tiny_digits(np.random.default_rng(1), 300)
     plan = split_plan(len(images), 0)
     split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
                                                  shard_size=300)
     params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32)
+    torch.set_num_threads(1)
+    fit(params, max_epochs=max_epochs, first_epoch_reports=first_epoch_reports, reports_per_epoch=1,
+        train_data=lambda epoch: split("train", epoch), val_data=split("val", 0),
+        train_rows=len(split("train", 0)["label"]), report=report, device=torch.device("cpu"), replan=replan)
+    return len(split("train", 0)["label"]) // params.batch_size
+
+
+def test_fit_replans_after_every_epoch_and_keeps_the_schedule_continuous():
     reports, asked = [], []
     plans = iter([3, 4, 4])  # after epochs 1, 2 and 3: shrink, then grow, then keep
 
@@ -180,14 +189,8 @@ def test_fit_replans_after_every_epoch_and_keeps_the_schedule_continuous():
         asked.append((done, seconds))
         return next(plans)
 
-    torch.set_num_threads(1)
-    fit(params, max_epochs=6, first_epoch_reports=2, reports_per_epoch=1, train_data=lambda epoch: split("train", epoch),
-        val_data=split("val", 0), train_rows=len(split("train", 0)["label"]),
-        report=lambda metrics, state: reports.append((metrics["epoch"], state["max_epochs"],
-                                                      state["scheduler"]["total_steps"],
-                                                      state["scheduler"]["last_epoch"])),
-        device=torch.device("cpu"), replan=replan)
-    steps = len(split("train", 0)["label"]) // 32
+    steps = fit_tiny(6, 2, replan, lambda metrics, state: reports.append(
+        (metrics["epoch"], state["max_epochs"], state["scheduler"]["total_steps"], state["scheduler"]["last_epoch"])))
     # Asked after each epoch that leaves epochs to train (not after the last), with its seconds.
     assert [done for done, _ in asked] == [1, 2, 3] and all(seconds > 0 for _, seconds in asked)
     # The schedule is rebuilt at each change, continuing from the steps already taken.
@@ -196,17 +199,9 @@ def test_fit_replans_after_every_epoch_and_keeps_the_schedule_continuous():
 
 
 def test_a_replan_to_the_epochs_done_ends_training_there():
-    images, labels = tiny_digits(np.random.default_rng(1), 300)
-    plan = split_plan(len(images), 0)
-    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
-                                                 shard_size=300)
-    params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32)
     reports = []
-    torch.set_num_threads(1)
-    fit(params, max_epochs=5, first_epoch_reports=1, reports_per_epoch=1, train_data=lambda epoch: split("train", epoch),
-        val_data=split("val", 0), train_rows=len(split("train", 0)["label"]),
-        report=lambda metrics, state: reports.append((metrics["epoch"], state["max_epochs"])),
-        device=torch.device("cpu"), replan=lambda done, seconds: 0 if done == 2 else 5)
+    fit_tiny(5, 1, lambda done, seconds: 0 if done == 2 else 5,
+             lambda metrics, state: reports.append((metrics["epoch"], state["max_epochs"])))
     assert reports == [(1.0, 5), (2.0, 2)]
 
 
