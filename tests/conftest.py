@@ -153,7 +153,7 @@ class Listeners:
                 root = psutil.Process(self.pid)
                 for process in [root, *root.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
-                        command = " ".join(process.cmdline())[:100]
+                        command = " ".join(process.cmdline())  # whole: venv paths can be long
                         self.seen |= {(c.laddr.ip, c.laddr.port, command) for c in process.net_connections("tcp")
                                       if c.status == psutil.CONN_LISTEN}
             self._done.wait(self.every)
@@ -168,7 +168,7 @@ class Listeners:
 
     def beyond_loopback(self) -> list[str]:
         """Listeners on anything but loopback, one line each (IPv4 loopback mapped into IPv6 counts)."""
-        return sorted(f"{ip}:{port} {command.strip()}" for ip, port, command in self.seen
+        return sorted(f"{ip}:{port} {command[:120]}" for ip, port, command in self.seen
                       if ip.removeprefix("::ffff:") not in LOOPBACK_IPS)
 
     def of(self, command_part: str) -> list[tuple]:

@@ -61,19 +61,11 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
     pytest.fail("no moment with one trial finished and one running")
 
 
-@pytest.mark.parametrize("workers", [
-    pytest.param(1, id="inline"),
-    # Trials of two DDP workers, one at a time on the session's two one-CPU nodes: each trial's Train
-    # run is found again by its stable name and continues from its own checkpoint.
-    pytest.param(2, id="ddp", marks=pytest.mark.slow),
-])
-def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search,
-                                                                 workers):
-    experiment = EXPERIMENT if workers == 1 else EXPERIMENT.replace("max_epochs = 8", "max_epochs = 4")
-    (tmp_path / "space.toml").write_text(experiment)
+def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search):
+    (tmp_path / "space.toml").write_text(EXPERIMENT)
     experiment_dir = tmp_path / "results" / "resumable"
     first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--no-final",
-                   "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--workers-per-trial", str(workers))
+                   "--data-dir", str(tiny_mnist_dir), "--unverified-data")
     before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
