@@ -6,7 +6,7 @@ every worker the cluster has (gloo on CPUs, NCCL on GPUs), its data streamed by 
 
 Time: `TimeBudget` splits a whole-command budget between the search and this phase; the number
 of epochs is planned from the training speed the search measured for the winner, and the
-workers stop early, between epochs, if an epoch would end past the deadline anyway.
+workers re-plan it after every epoch from that epoch's time (fewer when they run slow).
 """
 
 from __future__ import annotations
@@ -360,7 +360,6 @@ def final_worker(loop_config: dict[str, Any]) -> None:
     fit_this_rank(
         Hyperparameters(**loop_config["params"]), data, settings, session=train, rank=rank, world_size=world_size,
         device=device, wrap=ddp_wrap(device, world_size), train_data=lambda epoch: stream.take(rows),
-        stop=out_of_time(deadline, device, world_size),
         replan=fit_to_deadline(deadline, loop_config["cap"], device, world_size) if deadline else None,
     )
 
@@ -386,18 +385,3 @@ def fit_to_deadline(deadline: float, cap: int, device: torch.device, world_size:
         return max(1, min(cap, done + max(0, math.floor((deadline - time.time()) / seconds))))
 
     return replan
-
-
-def out_of_time(deadline: float | None, device: torch.device, world_size: int):
-    """A `stop` for `engine.fit`: True when another epoch, as long as the last one, would end
-    past the deadline. All ranks decide together (one rank stopping alone would hang the others).
-    The first epoch's time includes the workers' set-up, which errs on the side of the budget."""
-    last = [time.time()]
-
-    def stop() -> bool:
-        now = time.time()
-        late = deadline is not None and now + (now - last[0]) > deadline
-        last[0] = now
-        return bool(agree(float(late), device, world_size))
-
-    return stop

@@ -24,7 +24,6 @@ from raylocal.final import (
     FinalSettings,
     TimeBudget,
     fit_to_deadline,
-    out_of_time,
     pick_winner,
     plan_epochs,
 )
@@ -122,12 +121,6 @@ def test_final_flags_and_default_budget():
                            (["--final-epochs", "0"], "--final-epochs must be >= 1")]:
         with pytest.raises(ConfigError, match=message):
             build_plan(parse(flags))
-
-
-def test_one_rank_alone_stops_when_another_epoch_would_pass_the_deadline():
-    assert out_of_time(None, torch.device("cpu"), 1)() is False
-    assert out_of_time(time.time() + 3600, torch.device("cpu"), 1)() is False
-    assert out_of_time(time.time() - 1, torch.device("cpu"), 1)() is True
 
 
 def test_fit_ends_after_the_report_where_stop_says_so():
