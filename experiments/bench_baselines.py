@@ -51,7 +51,8 @@ def get_args_parser():
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--train-digits", type=int, help="MNIST training digits used (default: all)")
     parser.add_argument("--test-digits", type=int, help="MNIST test digits used (default: all)")
-    parser.add_argument("--out", type=Path, help="append one JSON line per run here")
+    parser.add_argument("--out", type=Path, help="append one JSON line per run here (and keep raylocal's timed logs "
+                        "beside it)")
     return parser
 
 
@@ -91,9 +92,16 @@ def run_raylocal(args, seed: int, folder: Path) -> dict:
                                                      (("train_digits", args.train_digits), ("test_digits", args.test_digits))
                                                      if value))
         command += ["--experiment", str(experiment)]
-    finished = subprocess.run(command, capture_output=True, text=True, check=False)
-    if finished.returncode:
-        raise RuntimeError(f"raylocal.tune failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}")
+    started = time.time()
+    lines = []
+    # Each line with the seconds since the start: where a run's minutes went (search, final, finish).
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            lines.append(f"{time.time() - started:7.1f}s {line}")
+    if args.out:
+        args.out.with_name(f"{args.out.stem}-raylocal-seed{seed}.log").write_text("".join(lines))
+    if process.returncode:
+        raise RuntimeError("raylocal.tune failed:\n" + "".join(lines[-60:]))
     card = json.loads((folder / f"baseline-{seed}" / "best_model" / "model_card.json").read_text())
     final = card.get("final") or {}
     return card["test"] | {"trials": card["search"]["trials"], "final_epochs": final.get("epochs_trained", 0),

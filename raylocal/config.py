@@ -169,7 +169,9 @@ DEFAULT_SPACE = (
 class Budget:
     """Trials and epochs, and when trials report. ASHA counts in epochs. A trial reports (and
     scores the validation split) `first_epoch_reports` times in its first epoch, where early
-    stopping does most of its cutting, and `reports_per_epoch` times in each later epoch."""
+    stopping does most of its cutting, and `reports_per_epoch` times in each later epoch.
+    `filled_rungs`: with a final phase, ASHA promotes a trial only as the top 1/rf of at least rf
+    trials at its rung (`raylocal.stopping`); off by default, it measured worse (RESULTS.md)."""
 
     trials: int = 50
     max_epochs: int = 5
@@ -177,6 +179,7 @@ class Budget:
     reports_per_epoch: int = 2
     grace_period: float = 0.125
     reduction_factor: int = 4
+    filled_rungs: bool = False
 
     def __post_init__(self) -> None:
         for key in ("trials", "max_epochs", "first_epoch_reports", "reports_per_epoch"):

@@ -31,9 +31,10 @@ MAX_FINAL_EPOCHS = 30
 DDP_EFFICIENCY = 0.8
 # Seconds a final run spends before its first step (Train controller, worker processes importing
 # torch, the process group, the first shards) and the command after the last one (test scoring,
-# export with its checks, report); both measured on 2 cores, see experiments/RESULTS.md.
+# export with its checks, report, Ray's shutdown); both measured on 2 cores on a slow day (the
+# finish took 31-33 s of which 16-18 s scored the test split), see experiments/RESULTS.md.
 START_SECONDS = 40
-FINISH_SECONDS = 60
+FINISH_SECONDS = 40
 # The search's share of the time a budget leaves to train; the final phase gets the rest.
 SEARCH_SHARE = 0.45
 
@@ -75,6 +76,10 @@ class TimeBudget:
         if self.search_takes_all(left):
             return max(1.0, left)
         return SEARCH_SHARE * (left - START_SECONDS)
+
+    def leaves_final_phase(self) -> bool:
+        """Whether, from now, there is room for a final phase after the search's share."""
+        return not self.search_takes_all(self.deadline - time.time())
 
     def search_takes_all(self, left: float) -> bool:
         """Without a final phase, or with no room for a final epoch after a search of any length."""

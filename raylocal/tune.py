@@ -235,10 +235,11 @@ def search_algorithm(args: argparse.Namespace, plan: Plan):
 
 
 def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_failures: int,
-               time_budget_s: float | None = None):
+               time_budget_s: float | None = None, ranks_only: bool = False):
     """A new Tuner for the plan, or the interrupted one restored from its folder."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    from raylocal.stopping import make_scheduler
 
     if plan.resume:
         return tune.Tuner.restore(plan.experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
@@ -247,9 +248,7 @@ def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_fail
         metric=OBJECTIVE,
         mode="max",
         search_alg=search_algorithm(args, plan),
-        # In epochs, not reports: reports are denser in the first epoch than later.
-        scheduler=ASHAScheduler(time_attr="epoch", max_t=budget.max_epochs, grace_period=budget.grace_period,
-                                reduction_factor=budget.reduction_factor),
+        scheduler=make_scheduler(budget, ranks_only),
         num_samples=budget.trials,
         max_concurrent_trials=layout.concurrent,
         time_budget_s=time_budget_s,
@@ -281,12 +280,22 @@ def progress_reporter(plan: Plan):
                             max_report_frequency=30, sort_by_metric=False)
 
 
-def describe_search(plan: Plan) -> str:
+def filled_rungs(plan: Plan, time_budget: TimeBudget | None) -> bool:
+    """Whether ASHA promotes only from filled rungs: where the experiment asks for it and trials
+    just rank configurations, since a final phase will train the winner."""
+    room = time_budget is None or time_budget.leaves_final_phase()
+    return plan.experiment.budget.filled_rungs and plan.final.enabled and room
+
+
+def describe_search(plan: Plan, ranks_only: bool) -> str:
     budget = plan.experiment.budget
     return (f"search: {budget.trials} trials, up to {budget.max_epochs} epochs each, reporting "
             f"{budget.first_epoch_reports}x in the first epoch and {budget.reports_per_epoch}x per later epoch; "
             f"ASHA stops the worst after {budget.grace_period:g} epoch(s), reduction factor "
-            f"{budget.reduction_factor}; results in {plan.storage}/{plan.name}")
+            f"{budget.reduction_factor}"
+            + (f", promoting only from rungs {budget.reduction_factor} trials reached (filled_rungs; the final "
+               "phase trains the winner)" if ranks_only else "")
+            + f"; results in {plan.storage}/{plan.name}")
 
 
 def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float | None = None) -> dict[str, Any]:
@@ -321,8 +330,10 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
     search_seconds = time_budget.search_seconds() if time_budget else None
     if time_budget:
         log(time_budget.describe(search_seconds))
-    tuner = make_tuner(args, plan, trainable, layout, settings.max_failures, time_budget_s=search_seconds)
-    log(describe_search(plan))
+    ranks_only = filled_rungs(plan, time_budget)
+    tuner = make_tuner(args, plan, trainable, layout, settings.max_failures, time_budget_s=search_seconds,
+                       ranks_only=ranks_only)
+    log(describe_search(plan, ranks_only))
     if not plan.resume:
         write_manifest(args, plan)
     results = tuner.fit()

@@ -61,11 +61,21 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
     pytest.fail("no moment with one trial finished and one running")
 
 
-def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search):
-    (tmp_path / "space.toml").write_text(EXPERIMENT)
+@pytest.mark.parametrize("workers", [
+    pytest.param(1, id="inline"),
+    # Trials of two DDP workers, one at a time on the session's two one-CPU nodes: each trial's Train
+    # run is found again by its stable name and continues from its own checkpoint. No rung before
+    # the last epoch: one at a time, ASHA stopped the second trial before the interrupt point.
+    pytest.param(2, id="ddp", marks=pytest.mark.slow),
+])
+def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search,
+                                                                 workers):
+    experiment = EXPERIMENT if workers == 1 else (
+        EXPERIMENT.replace("max_epochs = 8", "max_epochs = 3").replace("grace_period = 0.5", "grace_period = 3"))
+    (tmp_path / "space.toml").write_text(experiment)
     experiment_dir = tmp_path / "results" / "resumable"
     first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--no-final",
-                   "--data-dir", str(tiny_mnist_dir), "--unverified-data")
+                   "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--workers-per-trial", str(workers))
     before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
@@ -88,7 +98,10 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     assert after[finished] == before[finished]
     resumed_rows = after[interrupted][len(before[interrupted]):]
     assert resumed_rows, "the interrupted trial did not continue"
-    assert min(row["training_iteration"] for row in resumed_rows) > 1
+    if workers == 1:
+        # Tune restores an inline trial from its own checkpoint, iteration count included; a DDP
+        # trial's Tune process starts again and its Train run continues from Train's checkpoint.
+        assert min(row["training_iteration"] for row in resumed_rows) > 1
     # Epochs continue from the checkpoint: the first resumed report follows one already saved.
     saved_epochs = {row["epoch"] for row in before[interrupted]}
     assert resumed_rows[0]["epoch"] > min(saved_epochs), (before[interrupted], resumed_rows)

@@ -1,0 +1,118 @@
+"""The search's early stopping (`raylocal.stopping`), driven directly with Tune `Trial` objects:
+plain ASHA promotes the first trials through empty rungs; with a final phase (`ranks_only`), a
+trial goes past a rung only as the top 1/rf of at least rf trials there; a resumed search
+rebuilds its rungs from the results its trials saved."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from raylocal.config import OBJECTIVE, Budget
+
+BUDGET = Budget(trials=8, max_epochs=2, first_epoch_reports=2, reports_per_epoch=2, grace_period=0.5,
+                reduction_factor=2)
+
+
+class Search:
+    """A scheduler from `make_scheduler` and the trials added to it, each in its own folder."""
+
+    def __init__(self, tmp_path: Path, ranks_only: bool, budget: Budget = BUDGET) -> None:
+        from ray.train._internal.storage import StorageContext
+
+        from raylocal.stopping import make_scheduler
+
+        self.budget = budget
+        self.scheduler = make_scheduler(budget, ranks_only=ranks_only)
+        self.scheduler.set_search_properties(OBJECTIVE, "max")
+        self.storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="stopping")
+        self.count = 0
+
+    def add(self, saved: list[dict] | None = None):
+        """A new trial, or with `saved` results one that a resumed search adds back."""
+        from ray.tune.experiment import Trial
+
+        trial = Trial("run_trial", config={"index": self.count}, stub=True, storage=self.storage)
+        trial.storage = copy.copy(self.storage)
+        trial.storage.trial_dir_name = f"trial_{self.count}"
+        self.count += 1
+        if saved:
+            folder = Path(trial.storage.trial_fs_path)
+            folder.mkdir(parents=True)
+            # The last line cut short, as a kill while Tune writes it leaves it.
+            (folder / "result.json").write_text("".join(json.dumps(row) + "\n" for row in saved) + '{"epoch": 0.')
+            trial.run_metadata.last_result = saved[-1]
+        self.scheduler.on_trial_add(None, trial)
+        return trial
+
+    def arrive(self, scores: list[float]) -> list[str]:
+        """What the scheduler says to new trials arriving in turn at the first rung with `scores`."""
+        return [self.scheduler.on_trial_result(None, self.add(), {OBJECTIVE: score, "epoch": self.budget.grace_period})
+                for score in scores]
+
+
+def test_plain_asha_promotes_the_first_trials(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    said = Search(tmp_path, ranks_only=False).arrive([0.5, 0.6, 0.4])
+    assert said == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.STOP]
+
+
+def test_ranking_search_promotes_only_from_a_filled_rung(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    # Reduction factor 2: a trial needs one other result at its rung, and to be in its top half.
+    said = Search(tmp_path, ranks_only=True).arrive([0.5, 0.6, 0.4, 0.7, math.nan])
+    assert said == [TrialScheduler.STOP, TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.CONTINUE,
+                    TrialScheduler.STOP]
+
+
+def test_ranking_search_waits_for_rf_trials(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    search = Search(tmp_path, ranks_only=True, budget=Budget(max_epochs=5, grace_period=0.125, reduction_factor=4))
+    # The first three, however good, find fewer than 3 others; the fourth is the best of four.
+    assert search.arrive([0.9, 0.8, 0.7, 0.95, 0.1]) == [TrialScheduler.STOP] * 3 + [TrialScheduler.CONTINUE,
+                                                                                     TrialScheduler.STOP]
+    # Tune's status line says what each rung waits for, not an infinite cutoff.
+    shown = search.scheduler.debug_string()
+    assert "epoch 0.125: 0.9" in shown and "epoch 0.5: 0/4 trials" in shown, shown
+
+
+@pytest.mark.parametrize("ranks_only", [False, True], ids=["plain", "ranks-only"])
+def test_a_resumed_search_rebuilds_its_rungs_from_saved_results(tmp_path, ranks_only):
+    from ray.tune.schedulers import TrialScheduler
+
+    search = Search(tmp_path, ranks_only=ranks_only)
+    # Before the interruption, one trial passed the rung (1/2 epoch) at 0.8 and went on.
+    restored = search.add(saved=[{OBJECTIVE: 0.3, "epoch": 0.25}, {OBJECTIVE: 0.8, "epoch": 0.5},
+                                 {OBJECTIVE: 0.85, "epoch": 0.75}])
+    # Without its result at the rung, plain ASHA would promote 0.7 (an empty rung) and the
+    # ranking search would stop 0.9 (no other result there).
+    assert search.arrive([0.7, 0.9]) == [TrialScheduler.STOP, TrialScheduler.CONTINUE]
+    # The restored trial itself goes on: its decision at that rung was made before the interruption.
+    result = {OBJECTIVE: 0.86, "epoch": 0.9}
+    assert search.scheduler.on_trial_result(None, restored, result) == TrialScheduler.CONTINUE
+
+
+def test_filled_rungs_only_where_asked_for_and_a_final_phase_follows():
+    import time
+
+    from raylocal.final import FINISH_SECONDS, START_SECONDS, TimeBudget
+    from raylocal.tune import build_plan, filled_rungs, get_args_parser
+
+    def plan(*flags: str, filled: bool = True):
+        built = build_plan(get_args_parser().parse_args(list(flags)))
+        return replace(built, experiment=built.experiment.with_budget(filled_rungs=filled))
+
+    roomy = TimeBudget(seconds=600, started=time.time())
+    no_room = TimeBudget(seconds=2 * START_SECONDS + FINISH_SECONDS, started=time.time())
+    assert filled_rungs(plan(), roomy) and filled_rungs(plan(), None)
+    assert not filled_rungs(plan(filled=False), roomy)  # the default: plain ASHA
+    assert not filled_rungs(plan("--no-final"), roomy)  # the trials' checkpoints are the model
+    assert not filled_rungs(plan(), no_room)  # no final phase fits after the search
