@@ -32,7 +32,7 @@ DDP_EFFICIENCY = 0.8
 # Seconds a final run spends before its first step (Train controller, worker processes importing
 # torch, the process group, the first shards) and the command after the last one (test scoring,
 # export with its checks, report, Ray's shutdown); both measured on 2 cores on a slow day (the
-# finish took 31-33 s of which 16-18 s scored the test split), see experiments/RESULTS.md.
+# finish took 31-32 s of which 16-18 s scored the test split), see experiments/RESULTS.md.
 START_SECONDS = 40
 FINISH_SECONDS = 40
 # The search's share of the time a budget leaves to train; the final phase gets the rest.
@@ -91,7 +91,7 @@ class TimeBudget:
 
     def describe(self, search_seconds: float) -> str:
         minutes = self.seconds / 60
-        takes_all = self.search_takes_all(self.deadline - time.time())
+        takes_all = not self.leaves_final_phase()
         no_room = " (no room for a final phase)" if self.final else ""
         rest = (f"then {FINISH_SECONDS} s for scoring and export{no_room}" if takes_all
                 else f"the final phase gets what is left less {FINISH_SECONDS} s for scoring and export")
