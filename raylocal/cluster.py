@@ -139,11 +139,16 @@ def joined(address: str, *, quiet: bool = False, log=print) -> Iterator[Any]:
 
 
 def connect(address: str | None, *, quiet: bool = False, log=print):
-    """The CLI's Ray: nothing to do when this process is already connected, else join `address`
-    or start a local instance. Ray is not imported here: a local start must set the loopback
-    switch first."""
+    """The CLI's Ray: nothing to do when this process is already connected (to `address`, if one
+    is named), else join `address` or start a local instance. Ray is not imported here: a local
+    start must set the loopback switch first."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        connected = ray.get_runtime_context().gcs_address
+        if address not in (None, "auto", connected):
+            # Searching the cluster this process is on instead would ignore what the user asked for.
+            raise ConfigError(f"--address {address}: this process is already connected to the Ray cluster at "
+                              f"{connected}; call ray.shutdown() first, or pass --address {connected}")
         return contextlib.nullcontext()
     return joined(address, quiet=quiet, log=log) if address else local_instance(quiet=quiet, log=log)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from raylocal.cluster import free_port
 from raylocal.config import Experiment
 from raylocal.tune import build_plan, cli, get_args_parser
 
@@ -74,10 +77,24 @@ def test_an_unwritable_storage_is_refused_before_any_search(tmp_path, capsys):
     assert "cannot write to" in capsys.readouterr().err
 
 
-def test_an_address_where_nothing_listens_fails_fast_with_one_message(tmp_path, capsys):
-    assert cli(["--address", "127.0.0.1:9", "--storage", str(tmp_path / "results")]) == 2
+def test_an_address_where_nothing_listens_fails_fast_with_one_message(tmp_path):
+    # A fresh process, as a user starts it: this one may hold the session's Ray connection.
+    address = f"127.0.0.1:{free_port()}"  # closed again at once: nothing listens there
+    done = subprocess.run([sys.executable, "-m", "raylocal.tune", "--address", address, "--storage",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"--address {address}: no Ray cluster answers there" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.ray
+def test_an_address_other_than_the_connected_cluster_is_refused_not_ignored(ray_session, tmp_path, capsys):
+    # Python users may call raylocal with Ray already initialized; searching that cluster instead
+    # of the one named would ignore the flag (and started a 19-minute search in a test).
+    address = f"127.0.0.1:{free_port()}"
+    assert cli(["--address", address, "--storage", str(tmp_path / "results")]) == 2
     err = capsys.readouterr().err
-    assert "--address 127.0.0.1:9: no Ray cluster answers there" in err and "Traceback" not in err
+    assert f"--address {address}: this process is already connected to the Ray cluster at" in err
+    assert "Traceback" not in err and not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize(
