@@ -164,6 +164,7 @@ def fit(
     seed: int = 0,
     stop: Callable[[], bool] = lambda: False,
     replan: Callable[[float], int] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Train for `max_epochs`, reporting metrics (aggregated over all workers) and a checkpoint
     on the `report_schedule`, so that early stopping can act before a full epoch.
@@ -177,11 +178,16 @@ def fit(
     done and the seconds the last one took; the number of epochs it returns (at least `done`)
     replaces `max_epochs`, and the learning-rate schedule is stretched or shrunk to it from where
     it stands. Returning `done` ends training there.
+    `init` is a model state dict to start from instead of a fresh initialization (a final run
+    continuing a search trial's checkpoint); the optimizer and schedule still start anew.
     """
     torch.manual_seed(seed)
     # Channels-last: on CPUs the faster layout for these convolutions, on GPUs the one
     # cuDNN's bf16 kernels want (bench_train.py measures both).
-    model = build_model(params.model_config()).to(device, memory_format=torch.channels_last)
+    model = build_model(params.model_config())
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device, memory_format=torch.channels_last)
     steps_per_epoch = train_rows // params.batch_size
     if steps_per_epoch < max(first_epoch_reports, reports_per_epoch):
         raise ValueError(

@@ -1,8 +1,10 @@
-"""Final training stage: train the search's best configuration from scratch on the whole cluster.
+"""Final training stage: train the search's best configuration on the whole cluster.
 
 The search compares configurations on short, early-stopped budgets; the model a user ships is
 then trained with what is left of the wall time, by one Ray Train `TorchTrainer` with DDP over
-every worker the cluster has (gloo on CPUs, NCCL on GPUs), its data streamed by Ray Data.
+every worker the cluster has (gloo on CPUs, NCCL on GPUs), its data streamed by Ray Data. By
+default it starts from the winning trial's best search checkpoint, so the epochs the search
+already gave the winner are not thrown away (`--final-init scratch`: a fresh initialization).
 
 Time: `TimeBudget` splits a whole-command budget between the search and this phase; the number
 of epochs is planned from the training speed the search measured for the winner, and the
@@ -37,6 +39,8 @@ START_SECONDS = 40
 FINISH_SECONDS = 40
 # The search's share of the time a budget leaves to train; the final phase gets the rest.
 SEARCH_SHARE = 0.45
+# Where a final run starts: the trial's best search checkpoint, or a fresh initialization.
+FINAL_INITS = ("checkpoint", "scratch")
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,15 @@ class FinalSettings:
     top_k: int = 1
     seeds: int = 1
     enabled: bool = True
+    init: str = "checkpoint"  # --final-init: one of FINAL_INITS
 
     def __post_init__(self) -> None:
         for key in ("epochs", "top_k", "seeds"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"--final-{key.replace('_', '-')} must be >= 1, got {value}")
+        if self.init not in FINAL_INITS:
+            raise ConfigError(f"--final-init must be one of {FINAL_INITS}, got {self.init!r}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,7 @@ class Candidate:
     score: float  # best validation objective of the trial
     epoch: float  # the epoch of that report
     canvases_per_s: float  # median training speed of one worker in the search
+    checkpoint: Any = None  # the trial's best search checkpoint (a ray.train.Checkpoint)
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ class FinalRun:
     curve: list[dict[str, float]]  # one row per epoch
     seconds: float
     placement: dict[str, str]  # nodes, process ids and devices of its workers
+    init_epoch: float = 0.0  # epochs of the search checkpoint it started from (0: from scratch)
 
     @property
     def validation(self) -> dict[str, float]:
@@ -148,6 +157,8 @@ class FinalOutcome:
             "epochs_trained": self.winner.curve[-1]["epoch"],
             "stopped_by_time_budget": self.stopped_early,
             "trial_id": self.winner.candidate.trial_id, "seed": self.winner.seed,
+            # The search checkpoint's epochs the run continued from (0: from scratch).
+            "init": "checkpoint" if self.winner.init_epoch else "scratch", "init_epoch": self.winner.init_epoch,
             "seconds": round(self.winner.seconds, 1),
             "worker_nodes": self.winner.placement.get("worker_nodes", ""),
             "curve": self.winner.curve,
@@ -158,8 +169,10 @@ class FinalOutcome:
 
 
 def candidates(results, top_k: int, workers_per_trial: int = 1) -> list[Candidate]:
-    """The `top_k` trials of a Tune ResultGrid by their best validation objective; speeds per
-    worker (a trial reports the sum over its workers)."""
+    """The `top_k` trials of a Tune ResultGrid by their best validation objective, each with its
+    best checkpoint; speeds per worker (a trial reports the sum over its workers)."""
+    from raylocal.best import best_checkpoint
+
     found = []
     for result in results:
         frame = result.metrics_dataframe
@@ -168,7 +181,8 @@ def candidates(results, top_k: int, workers_per_trial: int = 1) -> list[Candidat
         best = frame.loc[frame[OBJECTIVE].idxmax()]
         speed = frame["train_images_per_s"].median() / workers_per_trial if "train_images_per_s" in frame else math.nan
         found.append(Candidate(trial_id=str(best.get("trial_id", result.path)), config=dict(result.config),
-                               score=float(best[OBJECTIVE]), epoch=float(best["epoch"]), canvases_per_s=float(speed)))
+                               score=float(best[OBJECTIVE]), epoch=float(best["epoch"]), canvases_per_s=float(speed),
+                               checkpoint=best_checkpoint(result)[0]))
     return sorted(found, key=lambda candidate: -candidate.score)[:top_k]
 
 
@@ -218,7 +232,8 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
     if epochs == 0:
         log(f"final: no time left for one epoch ({why}); exporting the search's best checkpoint")
         return None
-    plan = (f"final: {len(chosen)} configuration(s) x {settings.seeds} seed(s), each trained from scratch by a "
+    start = "continued from its best search checkpoint" if settings.init == "checkpoint" else "trained from scratch"
+    plan = (f"final: {len(chosen)} configuration(s) x {settings.seeds} seed(s), each {start} by a "
             f"TorchTrainer with {layout.workers} worker(s) ({layout.dist_backend}, {layout.reason}); {why}"
             + ("; re-planned after every epoch from its measured time" if budget else ""))
     log(plan)
@@ -229,7 +244,7 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
         # Each run gets its share of the time still left, so that one slow run cannot eat the next ones'.
         deadline = time.time() + (budget.deadline - time.time()) / (len(jobs) - index) if budget else None
         runs.append(train_final(candidate, seed, epochs, data, search_settings, layout, deadline, storage,
-                                name=run_name(rank, seed), cap=cap, log=log))
+                                name=run_name(rank, seed), cap=cap, log=log, init=settings.init))
     winner = pick_winner(runs)
     stopped = winner.curve[-1]["epoch"] < winner.state["max_epochs"]
     if stopped:
@@ -254,10 +269,11 @@ def pick_winner(runs: list[FinalRun]) -> FinalRun:
 
 def train_final(candidate: Candidate, seed: int, epochs: int, data, search_settings, layout: Layout,
                 deadline: float | None, storage: str, *, name: str, cap: int | None = None, log=print,
-                yield_cpu: bool = True) -> FinalRun:
+                yield_cpu: bool = True, init: str = "checkpoint") -> FinalRun:
     """One final run: a TorchTrainer over `layout`'s workers, or the saved result of a run that
     already finished (a resumed command). With a deadline, the workers re-plan the number of
-    epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`."""
+    epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`. `init`: start
+    from the candidate's best search checkpoint, or from scratch."""
     from ray import train
     from ray.train.torch import TorchTrainer
 
@@ -275,8 +291,14 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     run_dir = os.path.join(storage, "final", name)
     saved = saved_run(run_dir)
     started = time.perf_counter()
+    warm = load_checkpoint_state(candidate.checkpoint) if init == "checkpoint" else None
+    init_epoch = float(warm["epoch"]) if warm else 0.0
+    # Epochs the checkpoint trained on come first in the stream's numbering: the run continues
+    # on freshly placed canvases rather than the placements the trial already saw.
+    offset = math.ceil(init_epoch)
     log(f"final: {name}: trial {candidate.trial_id} (search score {candidate.score:.4f}), seed {seed}, "
-        f"{epochs} epochs" + (f", resuming after epoch {saved.done}" if saved else ""))
+        f"{epochs} epochs" + (f" from its search checkpoint at epoch {init_epoch:g}" if warm else " from scratch")
+        + (f", resuming after epoch {saved.done}" if saved else ""))
     cap = max(epochs, cap or epochs)
     if saved and saved.done >= saved.planned:
         state, placement = saved.state, saved.placement
@@ -284,7 +306,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
         trainer = TorchTrainer(
             final_worker,
             train_loop_config={"params": asdict(per_worker), "data": data, "settings": settings, "deadline": deadline,
-                               "cap": cap},
+                               "cap": cap, "init": warm["model"] if warm else None},
             torch_config=torch_config(layout.dist_backend),
             scaling_config=train.ScalingConfig(num_workers=layout.workers, use_gpu=layout.uses_gpus,
                                                resources_per_worker=layout.worker_resources()),
@@ -296,7 +318,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
             ),
             # A function: Ray Train calls it each time it starts the workers, so workers restarted
             # after a failure stream the epochs after their checkpoint, not the first ones again.
-            datasets={"train": lambda: train_stream(data, range(finished_epochs(run_dir), cap))},
+            datasets={"train": lambda: train_stream(data, range(offset + finished_epochs(run_dir), offset + cap))},
             dataset_config=stream_config(yield_cpu),
         )
         result = trainer.fit()
@@ -309,7 +331,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
         f"validation det IoU {curve[-1][OBJECTIVE]:.4f}, mean IoU {curve[-1]['val_mean_iou']:.4f}, "
         f"accuracy {curve[-1]['val_accuracy']:.4f}")
     return FinalRun(candidate=candidate, seed=seed, params=params, state=state, curve=curve,
-                    seconds=time.perf_counter() - started, placement=placement)
+                    seconds=time.perf_counter() - started, placement=placement, init_epoch=init_epoch)
 
 
 @dataclass(frozen=True)
@@ -366,6 +388,7 @@ def final_worker(loop_config: dict[str, Any]) -> None:
         Hyperparameters(**loop_config["params"]), data, settings, session=train, rank=rank, world_size=world_size,
         device=device, wrap=ddp_wrap(device, world_size), train_data=lambda epoch: stream.take(rows),
         replan=fit_to_deadline(deadline, loop_config["cap"], device, world_size) if deadline else None,
+        init=loop_config.get("init"),
     )
 
 

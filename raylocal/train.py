@@ -105,6 +105,7 @@ def fit_this_rank(
     train_data=None,
     stop=lambda: False,
     replan=None,
+    init=None,
 ) -> None:
     """`engine.fit` on this rank's share of the data; `session` is `ray.tune` or `ray.train`,
     whose report/get_checkpoint/Checkpoint have the same shape but are different classes.
@@ -149,6 +150,7 @@ def fit_this_rank(
         seed=settings.seed,
         stop=stop,
         replan=replan,
+        init=init,
     )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Experiment, load_experiment, optuna_space
-from raylocal.final import DEFAULT_FINAL_EPOCHS, MAX_FINAL_EPOCHS, FinalSettings, TimeBudget
+from raylocal.final import DEFAULT_FINAL_EPOCHS, FINAL_INITS, MAX_FINAL_EPOCHS, FinalSettings, TimeBudget
 from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU
 
 SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
@@ -68,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="re-train the K best configurations of the search and keep the best (default 1)")
     parser.add_argument("--final-seeds", type=int, default=1, metavar="S",
                         help="seeds per re-trained configuration; configurations compare by their mean (default 1)")
+    parser.add_argument("--final-init", choices=FINAL_INITS, default="checkpoint",
+                        help="where final training starts: the winning trial's best search checkpoint (default), "
+                        "or a fresh initialization")
     parser.add_argument("--no-final", action="store_true",
                         help="no final training: export the search's best checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,7 +92,7 @@ SEARCH_FLAGS = (
     "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "trials_per_gpu",
     "backend", "device",
     "export_dir", "data_dir", "unverified_data", "seed", "smoke_test", "optuna_storage", "mlflow_uri",
-    "time_budget", "final_epochs", "final_top_k", "final_seeds", "no_final",
+    "time_budget", "final_epochs", "final_top_k", "final_seeds", "final_init", "no_final",
 )
 PATH_FLAGS = ("experiment", "export_dir", "data_dir")
 
@@ -172,7 +175,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     budget = DEFAULT_BUDGET_MINUTES if args.time_budget is None and not args.smoke_test else args.time_budget
     final_epochs = args.final_epochs if args.final_epochs is not None else (1 if args.smoke_test else None)
     final = FinalSettings(epochs=final_epochs, top_k=args.final_top_k,
-                          seeds=args.final_seeds, enabled=not args.no_final)
+                          seeds=args.final_seeds, enabled=not args.no_final, init=args.final_init)
     return Plan(experiment, name, storage, export_dir.absolute(), final=final, budget_minutes=budget or None)
 
 

@@ -28,6 +28,7 @@ from raylocal.final import (
     plan_epochs,
 )
 from raylocal.layout import final_layout
+from raylocal.model import build_model
 from raylocal.synthesis import split_plan, synthesize_shard
 from raylocal.tune import DEFAULT_BUDGET_MINUTES, build_plan, get_args_parser
 
@@ -113,8 +114,12 @@ def test_final_flags_and_default_budget():
     smoke = build_plan(parse(["--smoke-test"]))
     assert smoke.budget_minutes is None and smoke.final.epochs == 1
     assert build_plan(parse(["--time-budget", "0"])).budget_minutes is None
-    custom = build_plan(parse(["--final-top-k", "3", "--final-seeds", "2", "--final-epochs", "7", "--no-final"]))
-    assert custom.final == FinalSettings(epochs=7, top_k=3, seeds=2, enabled=False)
+    assert plan.final.init == "checkpoint"
+    custom = build_plan(parse(["--final-top-k", "3", "--final-seeds", "2", "--final-epochs", "7", "--no-final",
+                               "--final-init", "scratch"]))
+    assert custom.final == FinalSettings(epochs=7, top_k=3, seeds=2, enabled=False, init="scratch")
+    with pytest.raises(ConfigError, match="--final-init must be one of"):
+        FinalSettings(init="warm")
     for flags, message in [(["--time-budget", "-1"], "--time-budget must be >= 0"),
                            (["--final-top-k", "0"], "--final-top-k must be >= 1"),
                            (["--final-seeds", "0"], "--final-seeds must be >= 1"),
@@ -140,6 +145,26 @@ def test_fit_ends_after_the_report_where_stop_says_so():
         train_rows=len(split("train", 0)["label"]), report=lambda metrics, state: reports.append(metrics["epoch"]),
         device=torch.device("cpu"), stop=stop)
     assert reports == [1.0, 2.0] and asked == [1, 2]
+
+
+def test_fit_starts_from_the_given_weights():
+    images, labels = tiny_digits(np.random.default_rng(0), 300)
+    plan = split_plan(len(images), 0)
+    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
+                                                 shard_size=300)
+    # A learning rate too small to move any weight: what the run ends with is what it started from.
+    params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32, lr=1e-12, weight_decay=0.0)
+    # Not any initialization fit would draw itself: every weight moved off the seeded one.
+    start = {key: value + 0.5 if value.is_floating_point() else value
+             for key, value in build_model(params.model_config()).state_dict().items()}
+    states = []
+    torch.set_num_threads(1)
+    fit(params, max_epochs=1, first_epoch_reports=1, reports_per_epoch=1, train_data=lambda epoch: split("train", epoch),
+        val_data=split("val", 0), train_rows=len(split("train", 0)["label"]),
+        report=lambda metrics, state: states.append(state), device=torch.device("cpu"), init=start)
+    # Batch norm's running statistics move with the data; every learned weight stays where it started.
+    for key in [key for key, value in start.items() if value.is_floating_point() and "running" not in key]:
+        torch.testing.assert_close(states[-1]["model"][key], start[key], atol=1e-6, rtol=0)
 
 
 @pytest.mark.ray

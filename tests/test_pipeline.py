@@ -94,10 +94,12 @@ def test_smoke_search_exports_a_loadable_model(ray_session, tmp_path, tiny_mnist
 
 
 def check_final_phase(card: dict, cluster_nodes: set[str]) -> None:
-    """The exported model is the final phase's: the search's winner trained again from scratch by
-    a TorchTrainer over every worker of the cluster (2 nodes x 1 CPU), with the global batch kept."""
+    """The exported model is the final phase's: the search's winner trained on, from its best search
+    checkpoint, by a TorchTrainer over every worker of the cluster (2 nodes x 1 CPU), with the
+    global batch kept."""
     final = card["final"]
     assert final["trial_id"] == card["search"]["best_trial"]["trial_id"]
+    assert (final["init"], final["init_epoch"]) == ("checkpoint", card["search"]["best_trial"]["epoch"])
     # The final model is exported unless it scores below the search's best checkpoint on validation.
     search_score = card["search"]["best_trial"]["validation"]["val_det_iou"]
     assert final["exported"] == (final["curve"][-1]["val_det_iou"] >= search_score)
