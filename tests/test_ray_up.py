@@ -1,0 +1,164 @@
+"""`ray up` proven on a machine of your own: cluster.local.yaml against a throw-away sshd.
+
+The whole flow of the README's "Running on your own machines" runs in Linux namespaces made
+for this test alone (`unshare`), so the machine is left as it was found:
+- a network namespace: sshd takes port 22 (the only port Ray's SSH runner dials) on a loopback
+  of its own, and nothing in it can be reached from outside;
+- a PID namespace: the `ray stop` that `ray up` and `ray down` run on the head sees only this
+  test's processes, never a user's own Ray; when the namespace ends, everything in it does;
+- a mount namespace: root's home is an overlay whose writes (~/.bashrc, ~/.ray/auth_token,
+  ~/ray_bootstrap_config.yaml) land in the test's folder, /run is private (sshd's directory),
+  and Ray's temporary folder is the test's (RAY_TMPDIR), so `ray_current_cluster` is untouched.
+
+What the test changes in cluster.local.yaml: the head's address (127.0.0.1, no workers), the
+account (root) and key (a fresh one), and setup_commands, which would build a venv and install
+torch (5.5 GB) from the package index; here the head uses this test's own environment instead.
+Everything else (file mounts, token auth, the start commands) is the file's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import SESSION_MARK
+from raylocal.cluster import LOOPBACK_SWITCH
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parents[1]
+SSHD_PATHS = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+TOOLS = ("unshare", "ip", "ssh", "ssh-keygen", "rsync", "mount")
+
+
+def missing_requirements() -> str | None:
+    """Why this machine cannot run the test, or None."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return "needs Linux and root (network, PID and mount namespaces)"
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if not any(os.access(path, os.X_OK) for path in SSHD_PATHS):
+        missing.append("sshd")
+    try:
+        pwd.getpwnam("sshd")  # sshd's privilege separation user, made by the openssh-server package
+    except KeyError:
+        missing.append("the sshd user")
+    if missing:
+        return f"missing {', '.join(missing)} (Debian: apt-get install openssh-server rsync iproute2; .ci/run does)"
+    probe = subprocess.run(["unshare", "--net", "--pid", "--mount", "--fork", "true"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"cannot make namespaces here: {probe.stderr.strip()}"
+    return None
+
+
+def local_config(work: Path, key: Path) -> dict:
+    config = yaml.safe_load((ROOT / "cluster.local.yaml").read_text())
+    config["cluster_name"] = f"raylocal-up-test-{os.getpid()}"
+    config["provider"] |= {"head_ip": "127.0.0.1", "worker_ips": []}
+    config["auth"] = {"ssh_user": "root", "ssh_private_key": str(key)}
+    # The file's setup_commands build a venv and install torch from the index: this environment instead.
+    config["setup_commands"] = [f"grep -qs '{sys.prefix}/bin/activate' ~/.bashrc || "
+                                f"echo 'source {sys.prefix}/bin/activate' >> ~/.bashrc"]
+    return config
+
+
+FLOW = """\
+set -euo pipefail
+ip link set lo up
+mount -t overlay overlay -o "lowerdir=$ROOT_HOME,upperdir=$WORK/home-upper,workdir=$WORK/home-work" "$ROOT_HOME"
+mount -t tmpfs tmpfs /run
+mkdir -p /run/sshd
+"$SSHD" -f "$WORK/sshd_config" -E "$WORK/sshd.log"
+cd "$REPO"
+echo "== ray up"
+ray get-auth-token --generate >/dev/null
+ray up -y --no-config-cache "$WORK/cluster.yaml"
+echo "== ray job submit"
+RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 -- \\
+  python -m raylocal.tune --address auto --smoke-test --quiet --data-dir "$DATA" --unverified-data \\
+  --storage "$WORK/results" --name up --export-dir "$WORK/export"
+echo "== ray down"
+ray down -y "$WORK/cluster.yaml"
+echo "== done"
+"""
+
+
+def sshd_config(work: Path, key: Path) -> str:
+    path = f"{sys.prefix}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    return textwrap.dedent(f"""\
+        ListenAddress 127.0.0.1:22
+        HostKey {work}/host_key
+        PidFile {work}/sshd.pid
+        AuthorizedKeysFile {key}.pub
+        PermitRootLogin prohibit-password
+        PasswordAuthentication no
+        KbdInteractiveAuthentication no
+        UsePAM no
+        StrictModes no
+        SetEnv PATH={path} RAY_TMPDIR={work}/ray RAY_USAGE_STATS_ENABLED=0 {SESSION_MARK}={os.environ.get(SESSION_MARK, "")}
+        """)
+
+
+@pytest.fixture
+def work():
+    # Short: Ray's unix sockets live under RAY_TMPDIR, and their paths may not exceed 107 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="rlup"))
+    # Ray's SSH runner keeps its control sockets in /tmp/ray_ssh_<user>/<cluster>: remove what it adds.
+    control = set(Path("/tmp").glob("ray_ssh_*")) | set(Path("/tmp").glob("ray_ssh_*/*"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        added = set(Path("/tmp").glob("ray_ssh_*")) | set(Path("/tmp").glob("ray_ssh_*/*"))
+        for path in sorted(added - control, reverse=True):  # sockets before their folders
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def test_ray_up_on_your_own_machines_runs_a_submitted_search(work, tiny_mnist_dir):
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    root_home = Path(pwd.getpwuid(0).pw_dir)
+    before = sorted(path.name for path in root_home.iterdir())
+    for folder in ("home-upper", "home-work", "client-home", "ray"):
+        (work / folder).mkdir()
+    key = work / "id_ed25519"
+    for path in (key, work / "host_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    (work / "sshd_config").write_text(sshd_config(work, key))
+    (work / "cluster.yaml").write_text(yaml.safe_dump(local_config(work, key)))
+    (work / "flow.sh").write_text(FLOW)
+    sshd = next(path for path in SSHD_PATHS if os.access(path, os.X_OK))
+    # The session's own token and loopback switch stay outside: the cluster makes its own, as for a user.
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", LOOPBACK_SWITCH, "RAY_ADDRESS")}
+    env |= {"WORK": str(work), "REPO": str(ROOT), "DATA": str(tiny_mnist_dir), "SSHD": sshd,
+            "ROOT_HOME": str(root_home), "HOME": str(work / "client-home"), "RAY_TMPDIR": str(work / "ray"),
+            "PATH": f"{sys.prefix}/bin:{env['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        done = subprocess.run(["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc",
+                               "bash", str(work / "flow.sh")], env=env, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"the ray up flow did not end in 7 minutes:\n{(timeout.stdout or b'')[-4000:]!r}")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    for step in ("== ray up", "== ray job submit", "== ray down", "== done"):
+        assert step in done.stdout
+    assert "succeeded" in output  # ray job submit's closing line
+    card = json.loads((work / "export" / "model_card.json").read_text())
+    assert card["search"]["trials"] == 2 and (work / "export" / "model.onnx").is_file()
+    # The head ran what the file says: token auth on, the dashboard on loopback.
+    assert (work / "home-upper" / ".ray" / "auth_token").read_text() == (
+        work / "client-home" / ".ray" / "auth_token").read_text()
+    assert "export RAY_AUTH_MODE=token" in (work / "home-upper" / ".bashrc").read_text()
+    # Root's real home is as it was: every write went to the overlay.
+    assert sorted(path.name for path in root_home.iterdir()) == before
