@@ -6,7 +6,7 @@ canvases each time) on one torch thread, in its own process; `--parallel` runs g
 per core), so both sides of a comparison share the machine the same way. Printed: one line per
 run and epoch, then mean and spread of the last epoch's figures per variant.
 
-    python experiments/bench_model.py --epochs 2 --seeds 0 1 --variant base: --variant coords:coords=true
+    python experiments/bench_model.py --epochs 2 --seeds 0 1 --variant base: --variant narrow:width=8
     python experiments/bench_model.py --epochs 1 --seeds 0 --train-digits 3000 --variant base:  # quick
 """
 
@@ -72,6 +72,7 @@ def one_run(args, changes: dict, seed: int) -> None:
         return {key: columns[key] for key in ("image", "box", "label")}
 
     params = Hyperparameters.from_dict(asdict(Hyperparameters()) | changes)
+    val, rows = split("val"), len(plan.train)
     started = time.perf_counter()
 
     def report(metrics, state) -> None:
@@ -80,7 +81,7 @@ def one_run(args, changes: dict, seed: int) -> None:
             print(json.dumps(row), flush=True)
 
     fit(params, max_epochs=args.epochs, first_epoch_reports=1, reports_per_epoch=1,
-        train_data=lambda epoch: split("train", epoch), val_data=split("val"), train_rows=len(split("train")["label"]),
+        train_data=lambda epoch: split("train", epoch), val_data=val, train_rows=rows,
         report=report, device=torch.device("cpu"), seed=seed)
 
 
@@ -94,6 +95,8 @@ def launch(args, name: str, text: str, seed: int) -> list[dict]:
     if done.returncode:
         raise RuntimeError(f"{name} seed {seed} failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        raise RuntimeError(f"{name} seed {seed} reported no epoch:\n{done.stdout[-3000:]}")
     for row in rows:
         print(f"{name:>12} seed {seed} epoch {row['epoch']:.0f}: " +
               " ".join(f"{key} {row[key]:.4f}" for key in FIGURES) + f"  ({row['seconds']:.0f} s)", flush=True)

@@ -138,6 +138,19 @@ def joined(address: str, *, quiet: bool = False, log=print) -> Iterator[Any]:
             ray.shutdown()
 
 
+def same_endpoint(address: str, other: str) -> bool:
+    """Whether two HOST:PORT addresses name one endpoint (localhost is 127.0.0.1)."""
+
+    def endpoint(text: str) -> tuple[str, str]:
+        host, _, port = text.rpartition(":")
+        host = host.strip("[]")
+        with contextlib.suppress(OSError):
+            host = socket.gethostbyname(host)
+        return host, port
+
+    return endpoint(address) == endpoint(other)
+
+
 def connect(address: str | None, *, quiet: bool = False, log=print):
     """The CLI's Ray: nothing to do when this process is already connected (to `address`, if one
     is named), else join `address` or start a local instance. Ray is not imported here: a local
@@ -145,7 +158,7 @@ def connect(address: str | None, *, quiet: bool = False, log=print):
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         connected = ray.get_runtime_context().gcs_address
-        if address not in (None, "auto", connected):
+        if address not in (None, "auto") and not same_endpoint(address, connected):
             # Searching the cluster this process is on instead would ignore what the user asked for.
             raise ConfigError(f"--address {address}: this process is already connected to the Ray cluster at "
                               f"{connected}; call ray.shutdown() first, or pass --address {connected}")

@@ -168,9 +168,9 @@ class FinalOutcome:
         }
 
 
-def candidates(results, top_k: int, workers_per_trial: int = 1) -> list[Candidate]:
-    """The `top_k` trials of a Tune ResultGrid by their best validation objective, each with its
-    best checkpoint; speeds per worker (a trial reports the sum over its workers)."""
+def candidates(results, top_k: int, workers_per_trial: int = 1, checkpoints: bool = False) -> list[Candidate]:
+    """The `top_k` trials of a Tune ResultGrid by their best validation objective, with their best
+    checkpoints if asked; speeds per worker (a trial reports the sum over its workers)."""
     from raylocal.best import best_checkpoint
 
     found = []
@@ -180,10 +180,13 @@ def candidates(results, top_k: int, workers_per_trial: int = 1) -> list[Candidat
             continue
         best = frame.loc[frame[OBJECTIVE].idxmax()]
         speed = frame["train_images_per_s"].median() / workers_per_trial if "train_images_per_s" in frame else math.nan
-        found.append(Candidate(trial_id=str(best.get("trial_id", result.path)), config=dict(result.config),
-                               score=float(best[OBJECTIVE]), epoch=float(best["epoch"]), canvases_per_s=float(speed),
-                               checkpoint=best_checkpoint(result)[0]))
-    return sorted(found, key=lambda candidate: -candidate.score)[:top_k]
+        found.append((Candidate(trial_id=str(best.get("trial_id", result.path)), config=dict(result.config),
+                                score=float(best[OBJECTIVE]), epoch=float(best["epoch"]),
+                                canvases_per_s=float(speed)), result))
+    chosen = sorted(found, key=lambda pair: -pair[0].score)[:top_k]
+    # Only the chosen trials' checkpoints are looked up: another trial's missing one does not matter.
+    return [replace(candidate, checkpoint=best_checkpoint(result)[0]) if checkpoints else candidate
+            for candidate, result in chosen]
 
 
 def plan_epochs(settings: FinalSettings, chosen: list[Candidate], layout: Layout, rows: int, val_rows: int,
@@ -214,8 +217,10 @@ def epoch_cap(settings: FinalSettings, budget: TimeBudget | None) -> int:
 
 def run_final(results, data, search_settings, settings: FinalSettings, layout: Layout, budget: TimeBudget | None,
               storage: str, log=print) -> FinalOutcome | None:
-    """Train the top configurations from scratch; None when no epoch fits in the time left."""
-    chosen = candidates(results, settings.top_k, search_settings.layout.workers)
+    """Train the top configurations (on from their search checkpoints, or from scratch); None when
+    no epoch fits in the time left."""
+    chosen = candidates(results, settings.top_k, search_settings.layout.workers,
+                        checkpoints=settings.init == "checkpoint")
     if not chosen:
         raise RuntimeError(f"no trial reported {OBJECTIVE}; nothing to train"
                            + (" (the time budget ended the search first: give more --time-budget)" if budget else ""))
@@ -291,18 +296,21 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     run_dir = os.path.join(storage, "final", name)
     saved = saved_run(run_dir)
     started = time.perf_counter()
-    warm = load_checkpoint_state(candidate.checkpoint) if init == "checkpoint" else None
-    init_epoch = float(warm["epoch"]) if warm else 0.0
-    # Epochs the checkpoint trained on come first in the stream's numbering: the run continues
-    # on freshly placed canvases rather than the placements the trial already saw.
-    offset = math.ceil(init_epoch)
-    log(f"final: {name}: trial {candidate.trial_id} (search score {candidate.score:.4f}), seed {seed}, "
-        f"{epochs} epochs" + (f" from its search checkpoint at epoch {init_epoch:g}" if warm else " from scratch")
-        + (f", resuming after epoch {saved.done}" if saved else ""))
+    # The best checkpoint is the best report's: the candidate's epoch.
+    init_epoch = candidate.epoch if init == "checkpoint" else 0.0
     cap = max(epochs, cap or epochs)
+    # The epochs the checkpoint trained on come first in the stream's numbering, so the run goes
+    # on with placements the trial has not seen; each further seed of a configuration streams
+    # epochs of its own (it starts from the same weights, and would otherwise differ in dropout alone).
+    offset = math.ceil(init_epoch) + (seed - search_settings.seed) * cap
+    log(f"final: {name}: trial {candidate.trial_id} (search score {candidate.score:.4f}), seed {seed}, "
+        f"{epochs} epochs" + (f" from its search checkpoint at epoch {init_epoch:g}" if init_epoch else " from scratch")
+        + (f", resuming after epoch {saved.done}" if saved else ""))
     if saved and saved.done >= saved.planned:
         state, placement = saved.state, saved.placement
     else:
+        # Weights to start from, unless Ray Train resumes the run from a checkpoint of its own.
+        warm = load_checkpoint_state(candidate.checkpoint) if init_epoch and not saved else None
         trainer = TorchTrainer(
             final_worker,
             train_loop_config={"params": asdict(per_worker), "data": data, "settings": settings, "deadline": deadline,

@@ -95,6 +95,9 @@ SEARCH_FLAGS = (
     "time_budget", "final_epochs", "final_top_k", "final_seeds", "final_init", "no_final",
 )
 PATH_FLAGS = ("experiment", "export_dir", "data_dir")
+# What a search did before a flag existed, where the flag's default now does otherwise: a manifest
+# written then, resumed, keeps it (final runs started from scratch before --final-init).
+BEFORE_THE_FLAG = {"final_init": "scratch"}
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,8 @@ def resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, Experiment]:
         experiment = Experiment.from_description(described)
     except (KeyError, TypeError, ConfigError) as error:
         raise ConfigError(f"{folder / MANIFEST} is damaged: {error!r}") from None
-    # Flags newer than the manifest take their defaults.
-    merged = vars(args) | {key: saved.get(key, getattr(defaults, key)) for key in SEARCH_FLAGS}
+    # Flags newer than the manifest take the value that means what the search ran with.
+    merged = vars(args) | {key: saved.get(key, BEFORE_THE_FLAG.get(key, getattr(defaults, key))) for key in SEARCH_FLAGS}
     merged |= {key: Path(merged[key]) for key in PATH_FLAGS if merged[key] is not None}
     merged |= {"name": folder.name, "storage": str(folder.parent)}
     return argparse.Namespace(**merged), experiment

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from raylocal.cluster import check_reachable, environment, free_port
+from raylocal.cluster import check_reachable, environment, free_port, same_endpoint
 from raylocal.config import ConfigError
 
 
@@ -30,6 +30,11 @@ def test_free_port_is_bindable_on_loopback():
     port = free_port()
     with socket.socket() as server:
         server.bind(("127.0.0.1", port))
+
+
+def test_an_address_names_the_connected_cluster_however_its_host_is_spelled():
+    assert same_endpoint("localhost:6379", "127.0.0.1:6379") and same_endpoint("127.0.0.1:6379", "127.0.0.1:6379")
+    assert not same_endpoint("127.0.0.1:6380", "127.0.0.1:6379") and not same_endpoint("10.1.2.3:6379", "127.0.0.1:6379")
 
 
 def test_an_address_nothing_listens_on_fails_fast():

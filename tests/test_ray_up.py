@@ -54,9 +54,16 @@ def missing_requirements() -> str | None:
         missing.append("the sshd user")
     if missing:
         return f"missing {', '.join(missing)} (Debian: apt-get install openssh-server rsync iproute2; .ci/run does)"
-    probe = subprocess.run(["unshare", "--net", "--pid", "--mount", "--fork", "true"], capture_output=True, text=True)
+    # The namespaces, and the mounts the flow makes in them, on the file system its folder is on.
+    with tempfile.TemporaryDirectory(prefix="rlprobe") as folder:
+        for name in ("low", "up", "work"):
+            os.mkdir(os.path.join(folder, name))
+        mounts = (f"mount -t overlay overlay -o lowerdir={folder}/low,upperdir={folder}/up,workdir={folder}/work "
+                  f"{folder}/low && mount -t tmpfs tmpfs /run")
+        probe = subprocess.run(["unshare", "--net", "--pid", "--mount", "--fork", "sh", "-c", mounts],
+                               capture_output=True, text=True)
     if probe.returncode:
-        return f"cannot make namespaces here: {probe.stderr.strip()}"
+        return f"cannot make the namespaces and mounts here: {probe.stderr.strip()}"
     return None
 
 
@@ -143,12 +150,14 @@ def test_ray_up_on_your_own_machines_runs_a_submitted_search(work, tiny_mnist_di
            if key not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", LOOPBACK_SWITCH, "RAY_ADDRESS")}
     env |= {"WORK": str(work), "REPO": str(ROOT), "DATA": str(tiny_mnist_dir), "SSHD": sshd,
             "ROOT_HOME": str(root_home), "HOME": str(work / "client-home"), "RAY_TMPDIR": str(work / "ray"),
+            # `ray up` and `ray down` cache the resolved config in the temporary folder.
+            "TMPDIR": str(work),
             "PATH": f"{sys.prefix}/bin:{env['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     try:
         done = subprocess.run(["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc",
                                "bash", str(work / "flow.sh")], env=env, capture_output=True, text=True, timeout=420)
     except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"the ray up flow did not end in 7 minutes:\n{(timeout.stdout or b'')[-4000:]!r}")
+        pytest.fail(f"the ray up flow did not end in 7 minutes:\n{timeout.stdout!r:.4000}\n{timeout.stderr!r:.4000}")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     for step in ("== ray up", "== ray job submit", "== ray down", "== done"):
@@ -160,5 +169,8 @@ def test_ray_up_on_your_own_machines_runs_a_submitted_search(work, tiny_mnist_di
     assert (work / "home-upper" / ".ray" / "auth_token").read_text() == (
         work / "client-home" / ".ray" / "auth_token").read_text()
     assert "export RAY_AUTH_MODE=token" in (work / "home-upper" / ".bashrc").read_text()
+    mounted = work / "home-upper" / "raylocal"
+    assert (mounted / "pyproject.toml").read_text() == (ROOT / "pyproject.toml").read_text()
+    assert (mounted / "raylocal" / "tune.py").is_file()
     # Root's real home is as it was: every write went to the overlay.
     assert sorted(path.name for path in root_home.iterdir()) == before

@@ -128,6 +128,19 @@ def test_resuming_with_a_different_search_space_is_a_clear_error(tmp_path, capsy
     assert "--trials 9 differs" in capsys.readouterr().err
 
 
+def test_a_search_from_before_final_init_resumes_its_final_runs_as_they_started(tmp_path):
+    from raylocal.config import Experiment
+    from raylocal.tune import get_args_parser, resumed
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    # Final runs started from scratch before the flag existed; a manifest that names it keeps it.
+    for flags, expected in [({"seed": 0}, "scratch"), ({"seed": 0, "final_init": "checkpoint"}, "checkpoint")]:
+        (folder / "raylocal_search.json").write_text(json.dumps({"flags": flags, "experiment": Experiment().describe()}))
+        args, _ = resumed(get_args_parser().parse_args(["--resume", str(folder)]))
+        assert args.final_init == expected
+
+
 def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
     from raylocal.tune import cli
 
