@@ -187,6 +187,7 @@ def test_python_entry_point_runs_the_same_search_and_returns_its_result(ray_sess
     assert card["trial_id"] == result.summary["trial_id"] and card["test"] == result.test
 
 
+@pytest.mark.slow  # a minute: the budget is 1.6 minutes
 def test_a_time_budget_stops_the_search_and_skips_a_final_phase_that_cannot_fit(ray_session, tmp_path, tiny_mnist_dir,
                                                                                capsys):
     # 1.6 minutes leave too little for a final run: the search takes all but the minute for scoring

@@ -10,7 +10,7 @@ import pytest
 
 from test_resume import results_by_trial, search
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 EXPERIMENT = """
 [fixed]
