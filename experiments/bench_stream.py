@@ -82,7 +82,7 @@ def main(args) -> None:
         sampler.start()
         run = train_final(Candidate("fixed", {}, 0.0, 0.0, 0.0), args.seed, args.epochs, data, settings, layout, None,
                           storage, name="stream", log=lambda line: print(f"# {line}"),
-                          yield_cpu=args.coordinator == "lowest", init="scratch")
+                          yield_cpu=args.coordinator == "lowest")
         sampler.done.set()
         sampler.join()
         wall = time.perf_counter() - started

@@ -249,7 +249,7 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
         # Each run gets its share of the time still left, so that one slow run cannot eat the next ones'.
         deadline = time.time() + (budget.deadline - time.time()) / (len(jobs) - index) if budget else None
         runs.append(train_final(candidate, seed, epochs, data, search_settings, layout, deadline, storage,
-                                name=run_name(rank, seed), cap=cap, log=log, init=settings.init))
+                                name=run_name(rank, seed), cap=cap, log=log))
     winner = pick_winner(runs)
     stopped = winner.curve[-1]["epoch"] < winner.state["max_epochs"]
     if stopped:
@@ -274,11 +274,11 @@ def pick_winner(runs: list[FinalRun]) -> FinalRun:
 
 def train_final(candidate: Candidate, seed: int, epochs: int, data, search_settings, layout: Layout,
                 deadline: float | None, storage: str, *, name: str, cap: int | None = None, log=print,
-                yield_cpu: bool = True, init: str = "checkpoint") -> FinalRun:
+                yield_cpu: bool = True) -> FinalRun:
     """One final run: a TorchTrainer over `layout`'s workers, or the saved result of a run that
     already finished (a resumed command). With a deadline, the workers re-plan the number of
-    epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`. `init`: start
-    from the candidate's best search checkpoint, or from scratch."""
+    epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`. A candidate with a
+    checkpoint (`candidates(checkpoints=True)`) is trained on from it, one without from scratch."""
     from ray import train
     from ray.train.torch import TorchTrainer
 
@@ -297,7 +297,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     saved = saved_run(run_dir)
     started = time.perf_counter()
     # The best checkpoint is the best report's: the candidate's epoch.
-    init_epoch = candidate.epoch if init == "checkpoint" else 0.0
+    init_epoch = candidate.epoch if candidate.checkpoint is not None else 0.0
     cap = max(epochs, cap or epochs)
     # The epochs the checkpoint trained on come first in the stream's numbering, so the run goes
     # on with placements the trial has not seen; each further seed of a configuration streams
