@@ -171,7 +171,9 @@ class Budget:
     scores the validation split) `first_epoch_reports` times in its first epoch, where early
     stopping does most of its cutting, and `reports_per_epoch` times in each later epoch.
     `filled_rungs`: with a final phase, ASHA promotes a trial only as the top 1/rf of at least rf
-    trials at its rung (`raylocal.stopping`); off by default, it measured worse (RESULTS.md)."""
+    trials at its rung (`raylocal.stopping`); off by default, it measured worse (RESULTS.md).
+    `keep_start_point`: ASHA never stops the start point, and the final phase compares the other
+    trials with it at equal epochs (`raylocal.stopping`, `raylocal.final.candidates`)."""
 
     trials: int = 50
     max_epochs: int = 5
@@ -180,6 +182,7 @@ class Budget:
     grace_period: float = 0.125
     reduction_factor: int = 4
     filled_rungs: bool = False
+    keep_start_point: bool = True
 
     def __post_init__(self) -> None:
         for key in ("trials", "max_epochs", "first_epoch_reports", "reports_per_epoch"):
@@ -239,7 +242,8 @@ class Experiment:
             name=described["name"],
             fixed=Hyperparameters(**described["fixed"]),
             space=tuple(Dimension(**d | {"values": tuple(d["values"])}) for d in described["space"]),
-            budget=Budget(**described["budget"]),
+            # A search described before keep_start_point existed ran without it.
+            budget=Budget(**{"keep_start_point": False} | described["budget"]),
             data=DataSettings(**described["data"]),
         )
 

@@ -168,10 +168,16 @@ class FinalOutcome:
         }
 
 
-def candidates(results, top_k: int, workers_per_trial: int = 1, checkpoints: bool = False) -> list[Candidate]:
-    """The `top_k` trials of a Tune ResultGrid by their best validation objective, with their best
-    checkpoints if asked; speeds per worker (a trial reports the sum over its workers)."""
+def candidates(results, top_k: int, workers_per_trial: int = 1, checkpoints: bool = False,
+               start_point: dict | None = None) -> list[Candidate]:
+    """The `top_k` trials of a Tune ResultGrid, with their best checkpoints if asked; speeds per
+    worker (a trial reports the sum over its workers). Ranked by their best validation objective,
+    or, given the searched values of a start point that trained (`keep_start_point`), at equal
+    epochs: first the trials that trained at least as far as the start point, by their best score
+    up to its last epoch (a tie keeps the start point), then the others by their best score. A
+    trial twice as fast no longer wins on the epochs its speed bought it in a time-boxed search."""
     from raylocal.best import best_checkpoint
+    from raylocal.stopping import is_config
 
     found = []
     for result in results:
@@ -183,7 +189,18 @@ def candidates(results, top_k: int, workers_per_trial: int = 1, checkpoints: boo
         found.append((Candidate(trial_id=str(best.get("trial_id", result.path)), config=dict(result.config),
                                 score=float(best[OBJECTIVE]), epoch=float(best["epoch"]),
                                 canvases_per_s=float(speed)), result))
-    chosen = sorted(found, key=lambda pair: -pair[0].score)[:top_k]
+    start = next((result.metrics_dataframe for candidate, result in found
+                  if is_config(candidate.config, start_point)), None)
+    reach = start["epoch"].max() if start is not None else None
+
+    def rank(pair) -> tuple:
+        candidate, result = pair
+        frame = result.metrics_dataframe
+        if reach is None or frame["epoch"].max() < reach:
+            return (1, -candidate.score, 0)
+        return (0, -frame.loc[frame["epoch"] <= reach, OBJECTIVE].max(), not is_config(candidate.config, start_point))
+
+    chosen = sorted(found, key=rank)[:top_k]
     # Only the chosen trials' checkpoints are looked up: another trial's missing one does not matter.
     return [replace(candidate, checkpoint=best_checkpoint(result)[0]) if checkpoints else candidate
             for candidate, result in chosen]
@@ -216,11 +233,11 @@ def epoch_cap(settings: FinalSettings, budget: TimeBudget | None) -> int:
 
 
 def run_final(results, data, search_settings, settings: FinalSettings, layout: Layout, budget: TimeBudget | None,
-              storage: str, log=print) -> FinalOutcome | None:
+              storage: str, log=print, start_point: dict | None = None) -> FinalOutcome | None:
     """Train the top configurations (on from their search checkpoints, or from scratch); None when
-    no epoch fits in the time left."""
+    no epoch fits in the time left. `start_point`: see `candidates`."""
     chosen = candidates(results, settings.top_k, search_settings.layout.workers,
-                        checkpoints=settings.init == "checkpoint")
+                        checkpoints=settings.init == "checkpoint", start_point=start_point)
     if not chosen:
         raise RuntimeError(f"no trial reported {OBJECTIVE}; nothing to train"
                            + (" (the time budget ended the search first: give more --time-budget)" if budget else ""))
@@ -238,7 +255,8 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
         log(f"final: no time left for one epoch ({why}); exporting the search's best checkpoint")
         return None
     start = "continued from its best search checkpoint" if settings.init == "checkpoint" else "trained from scratch"
-    plan = (f"final: {len(chosen)} configuration(s) x {settings.seeds} seed(s), each {start} by a "
+    ranked = "compared with the start point at equal epochs" if start_point else "by best validation det IoU"
+    plan = (f"final: {len(chosen)} configuration(s) ({ranked}) x {settings.seeds} seed(s), each {start} by a "
             f"TorchTrainer with {layout.workers} worker(s) ({layout.dist_backend}, {layout.reason}); {why}"
             + ("; re-planned after every epoch from its measured time" if budget else ""))
     log(plan)

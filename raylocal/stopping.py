@@ -14,6 +14,13 @@ more configurations (27 trials against 4 in 19 minutes), but all at 1/8 to 1/2 e
 learning rate and a low box-loss weight look best, and the final models were worse; so it is off
 by default (experiments/RESULTS.md).
 
+The start point (`budget.keep_start_point`, on by default): the search's first trial is the
+configuration a user would train without a search, and the final phase continues the winner's
+checkpoint. ASHA records its results like any other trial's (they set the rungs' cutoffs) but never
+stops it, so it trains all its epochs, and the final phase can compare any challenger with it at
+equal epochs (`raylocal.final.candidates`) instead of with a start point cut at 2 epochs by a
+faster trial 0.001 ahead (RESULTS.md, the 19-minute run at 3ecd1e0).
+
 Built on Ray 2.60's ASHA bracket (Ray is pinned; `tests/test_stopping.py` checks the decisions).
 """
 
@@ -58,14 +65,26 @@ class FilledRungBracket(_Bracket):
 
 class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs are rebuilt, when a search resumes, from the results its trials saved.
-    `min_others` > 0: promote only from rungs that filled (`FilledRungBracket`)."""
+    `min_others` > 0: promote only from rungs that filled (`FilledRungBracket`). `keep`: the
+    searched values of a configuration ASHA never stops (unless it scores NaN)."""
 
-    def __init__(self, *, min_others: int = 0, time_attr: str, max_t: float, grace_period: float,
-                 reduction_factor: int) -> None:
+    def __init__(self, *, min_others: int = 0, keep: dict | None = None, time_attr: str, max_t: float,
+                 grace_period: float, reduction_factor: int) -> None:
         super().__init__(time_attr=time_attr, max_t=max_t, grace_period=grace_period,
                          reduction_factor=reduction_factor)
         if min_others:
             self._brackets = [FilledRungBracket(grace_period, max_t, reduction_factor, 0, min_others=min_others)]
+        self.keep = keep or None
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        score = result.get(self._metric)
+        kept = (action == TrialScheduler.STOP and is_config(trial.config, getattr(self, "keep", None))
+                and result.get(self._time_attr, 0) < self._max_t and score is not None and not math.isnan(score))
+        if kept:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -75,6 +94,11 @@ class ResumableASHA(ASHAScheduler):
         for result in saved_results(trial):
             if self._time_attr in result and result.get(self._metric) is not None:
                 bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+
+def is_config(config: dict, searched: dict | None) -> bool:
+    """Whether a trial's config holds these searched values (None: no configuration is)."""
+    return bool(searched) and all(config.get(key) == value for key, value in searched.items())
 
 
 def saved_results(trial) -> list[dict]:
@@ -95,9 +119,11 @@ def saved_results(trial) -> list[dict]:
     return results
 
 
-def make_scheduler(budget: Budget, ranks_only: bool) -> ASHAScheduler:
+def make_scheduler(budget: Budget, ranks_only: bool, start_point: dict | None = None) -> ASHAScheduler:
     """ASHA counting in epochs (reports are denser in the first epoch than later). `ranks_only`:
-    promote only from rungs that filled (the module's docstring)."""
-    return ResumableASHA(min_others=budget.reduction_factor - 1 if ranks_only else 0, time_attr="epoch",
+    promote only from rungs that filled; `start_point` is never stopped where the budget keeps it
+    (the module's docstring)."""
+    keep = start_point if budget.keep_start_point else None
+    return ResumableASHA(min_others=budget.reduction_factor - 1 if ranks_only else 0, keep=keep, time_attr="epoch",
                          max_t=budget.max_epochs, grace_period=budget.grace_period,
                          reduction_factor=budget.reduction_factor)

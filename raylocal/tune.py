@@ -254,7 +254,7 @@ def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_fail
         metric=OBJECTIVE,
         mode="max",
         search_alg=search_algorithm(args, plan),
-        scheduler=make_scheduler(budget, ranks_only),
+        scheduler=make_scheduler(budget, ranks_only, start_point=plan.experiment.start_point()),
         num_samples=budget.trials,
         max_concurrent_trials=layout.concurrent,
         time_budget_s=time_budget_s,
@@ -301,6 +301,7 @@ def describe_search(plan: Plan, ranks_only: bool) -> str:
             f"{budget.reduction_factor}"
             + (f", promoting only from rungs {budget.reduction_factor} trials reached (filled_rungs; the final "
                "phase trains the winner)" if ranks_only else "")
+            + ("; the start point is never stopped (keep_start_point)" if budget.keep_start_point else "")
             + f"; results in {plan.storage}/{plan.name}")
 
 
@@ -345,8 +346,9 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
     results = tuner.fit()
     final = None
     if plan.final.enabled:
+        start_point = plan.experiment.start_point() if budget.keep_start_point else None
         final = run_final(results, data, settings, plan.final, cluster_final_layout(args), time_budget,
-                          plan.experiment_dir, log=log)
+                          plan.experiment_dir, log=log, start_point=start_point)
     summary = export_best(results, data, settings, plan, search_seconds=time.time() - started, final=final, log=log)
     if "://" not in plan.storage:
         summary["report"] = str(write_report(Path(plan.storage) / plan.name, log=log))

@@ -23,6 +23,7 @@ from raylocal.final import (
     FinalRun,
     FinalSettings,
     TimeBudget,
+    candidates,
     fit_to_deadline,
     pick_winner,
     plan_epochs,
@@ -105,6 +106,38 @@ def test_the_winner_is_the_configuration_with_the_best_mean_over_seeds():
     runs = [run("a", 0, 0.90), run("a", 1, 0.92), run("b", 0, 0.95), run("b", 1, 0.80)]
     winner = pick_winner(runs)
     assert (winner.candidate.trial_id, winner.seed) == ("a", 1)
+
+
+def searched(config: dict, curve: dict[float, float]):
+    """A finished trial as Tune's ResultGrid holds it: its config and its reports by epoch."""
+    import pandas as pd
+    from ray.tune import Result
+
+    frame = pd.DataFrame({"epoch": list(curve), OBJECTIVE: list(curve.values()), "train_images_per_s": 500.0})
+    return Result(metrics={"config": config}, checkpoint=None, error=None, path=f"/trials/{config['lr']}",
+                  metrics_dataframe=frame)
+
+
+def test_candidates_are_compared_with_the_start_point_at_equal_epochs():
+    start = {"width": 16, "lr": 0.003}
+    results = [
+        searched(start, {0.5: 0.80, 1.0: 0.85, 2.0: 0.89, 3.0: 0.91}),
+        # Twice as fast: further, with the best score of all, but behind the start point at its epoch 3.
+        searched({"width": 8, "lr": 0.002}, {0.5: 0.81, 1.0: 0.84, 2.0: 0.88, 3.0: 0.905, 5.0: 0.93}),
+        # Ahead at every epoch it shares with the start point.
+        searched({"width": 16, "lr": 0.001}, {0.5: 0.82, 1.0: 0.86, 2.0: 0.90, 3.0: 0.915}),
+        # Ahead at the first rung, but stopped there: it cannot be compared at equal epochs.
+        searched({"width": 8, "lr": 0.009}, {0.5: 0.95}),
+    ]
+    ranked = [candidate.config["lr"] for candidate in candidates(results, top_k=4, start_point=start)]
+    assert ranked == [0.001, 0.003, 0.002, 0.009]
+    assert candidates(results, top_k=1, start_point=start)[0].score == 0.915
+    # A tie at the start point's last epoch keeps the start point.
+    tie = [searched({"width": 8, "lr": 0.002}, {1.0: 0.85, 3.0: 0.91, 4.0: 0.93}), results[0]]
+    assert candidates(tie, top_k=1, start_point=start)[0].config == start
+    # Without a start point (or where it never reported), the best score anywhere wins.
+    assert [c.config["lr"] for c in candidates(results, top_k=2)] == [0.009, 0.002]
+    assert candidates(results[1:], top_k=1, start_point=start)[0].config["lr"] == 0.009
 
 
 def test_final_flags_and_default_budget():

@@ -116,3 +116,34 @@ def test_filled_rungs_only_where_asked_for_and_a_final_phase_follows():
     assert not filled_rungs(plan(filled=False), roomy)  # the default: plain ASHA
     assert not filled_rungs(plan("--no-final"), roomy)  # the trials' checkpoints are the model
     assert not filled_rungs(plan(), no_room)  # no final phase fits after the search
+
+
+def test_the_start_point_is_never_stopped_unless_it_scores_nan(tmp_path):
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from raylocal.stopping import make_scheduler
+
+    start = {"width": 16, "lr": 0.003}
+    scheduler = make_scheduler(BUDGET, ranks_only=False, start_point=start)
+    scheduler.set_search_properties(OBJECTIVE, "max")
+
+    def trial(config):
+        made = Trial("run_trial", config=config, stub=True)
+        scheduler.on_trial_add(None, made)
+        return made
+
+    def at_rung(made, score):
+        return scheduler.on_trial_result(None, made, {OBJECTIVE: score, "epoch": BUDGET.grace_period})
+
+    assert at_rung(trial({"width": 8, "lr": 0.003}), 0.9) == TrialScheduler.CONTINUE  # an empty rung
+    assert at_rung(trial({"width": 8, "lr": 0.001}), 0.5) == TrialScheduler.STOP  # below the cutoff
+    assert at_rung(trial(dict(start)), 0.4) == TrialScheduler.CONTINUE  # below it too, and kept
+    # Its results still set the rung: the cutoff of {0.9, 0.5, 0.4} stops a 0.45 as before.
+    assert at_rung(trial({"width": 8, "lr": 0.002}), 0.45) == TrialScheduler.STOP
+    # At its last epoch it ends like every trial.
+    assert scheduler.on_trial_result(None, trial(dict(start)), {OBJECTIVE: 0.4, "epoch": BUDGET.max_epochs}) == \
+        TrialScheduler.STOP
+    # The budget key turns it off; a search described before the key existed ran without it.
+    off = make_scheduler(replace(BUDGET, keep_start_point=False), ranks_only=False, start_point=start)
+    assert off.keep is None
