@@ -1,7 +1,7 @@
-"""What the search does, read back from what it saved: ASHA stops trials at its rungs, every
-Optuna trial holds its value, the search starts from the experiment's start point, the seed
-fixes the next configurations, and TPE then samples differently from what its seeded random
-start-up alone would give. Eight toy trials."""
+"""What the search does, read back from what it saved: ASHA stops trials at its rungs but never
+the start point, every Optuna trial holds its value, the search starts from the experiment's
+start point, the seed fixes the next configurations, and TPE then samples differently from what
+its seeded random start-up alone would give. Eight toy trials."""
 
 from __future__ import annotations
 
@@ -55,6 +55,17 @@ def test_asha_stopped_a_trial_at_one_of_its_rungs(searched):
     assert stopped, [trial.last.get("epoch") for trial in trials]
     rungs = {0.5, 1.0}  # grace period 0.5, reduction factor 2, 2 epochs at most
     assert all(trial.last["epoch"] in rungs for trial in stopped), [trial.last["epoch"] for trial in stopped]
+
+
+def test_asha_never_stopped_the_start_point(searched):
+    from raylocal.config import load_experiment
+    from raylocal.results import COMPLETED, read_search
+    from raylocal.stopping import is_config
+
+    start_point = load_experiment(searched[0].parents[1] / "space.toml").start_point()
+    trials = read_search(searched[0])
+    started = [trial for trial in trials if is_config(trial.params, start_point)]
+    assert len(started) == 1 and started[0].stop_reason(2.0) == COMPLETED, [trial.last for trial in started]
 
 
 def test_every_optuna_trial_holds_its_value(searched):
