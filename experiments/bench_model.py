@@ -8,12 +8,18 @@ run and epoch, then mean and spread of the last epoch's figures per variant.
 
     python experiments/bench_model.py --epochs 2 --seeds 0 1 --variant base: --variant narrow:width=8
     python experiments/bench_model.py --epochs 1 --seeds 0 --train-digits 3000 --variant base:  # quick
+
+`--init CHECKPOINT` starts every run from a search trial's checkpoint (its `checkpoint.pt`, or the
+folder holding it) instead of a fresh initialization, on the epochs of canvases after the ones it
+trained on, as raylocal's final phase does: e.g. the final run's learning rate, compared at equal
+epochs (`--variant full:lr=0.003 --variant third:lr=0.001`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +41,7 @@ def get_args_parser():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train-digits", type=int, help="MNIST training digits used (default: all)")
     parser.add_argument("--parallel", type=int, default=os.cpu_count(), help="runs at once, one thread each")
+    parser.add_argument("--init", help="a trial checkpoint (checkpoint.pt or its folder) every run starts from")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # a child process: one variant, one seed
     return parser
 
@@ -72,6 +79,11 @@ def one_run(args, changes: dict, seed: int) -> None:
         return {key: columns[key] for key in ("image", "box", "label")}
 
     params = Hyperparameters.from_dict(asdict(Hyperparameters()) | changes)
+    init, first = None, 0
+    if args.init:
+        path = args.init if args.init.endswith(".pt") else os.path.join(args.init, "checkpoint.pt")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        init, first = state["model"], math.ceil(state["epoch"])
     val, rows = split("val"), len(plan.train)
     started = time.perf_counter()
 
@@ -81,8 +93,8 @@ def one_run(args, changes: dict, seed: int) -> None:
             print(json.dumps(row), flush=True)
 
     fit(params, max_epochs=args.epochs, first_epoch_reports=1, reports_per_epoch=1,
-        train_data=lambda epoch: split("train", epoch), val_data=val, train_rows=rows,
-        report=report, device=torch.device("cpu"), seed=seed)
+        train_data=lambda epoch: split("train", first + epoch), val_data=val, train_rows=rows,
+        report=report, device=torch.device("cpu"), seed=seed, init=init)
 
 
 def launch(args, name: str, text: str, seed: int) -> list[dict]:
@@ -90,6 +102,8 @@ def launch(args, name: str, text: str, seed: int) -> list[dict]:
                "--variant", text, *benchlib.data_flags(args)]
     if args.train_digits:
         command += ["--train-digits", str(args.train_digits)]
+    if args.init:
+        command += ["--init", args.init]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -109,7 +123,7 @@ def main(args) -> None:
         return
     variants = [parse_variant(text) + (text,) for text in args.variant]
     benchlib.print_setup("model variants", epochs=args.epochs, seeds=args.seeds, train_digits=args.train_digits,
-                         parallel=args.parallel, variants=[text for *_, text in variants])
+                         parallel=args.parallel, init=args.init or "fresh", variants=[text for *_, text in variants])
     jobs = [(name, text, seed) for seed in args.seeds for name, _, text in variants]
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda job: (job[0], launch(args, *job)[-1]), jobs))

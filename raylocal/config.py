@@ -247,6 +247,11 @@ class Experiment:
             data=DataSettings(**described["data"]),
         )
 
+    def kept_start_point(self) -> dict[str, Any] | None:
+        """The start point where the budget keeps it (`keep_start_point`): the configuration ASHA
+        never stops and the final phase compares the other trials with; else None."""
+        return (self.start_point() or None) if self.budget.keep_start_point else None
+
     def start_point(self) -> dict[str, Any]:
         """The configuration the search tries first: the one a user would train without a search
         (the defaults, or the experiment's), each moved into its searched range (a choice that

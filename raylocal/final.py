@@ -41,6 +41,12 @@ FINISH_SECONDS = 40
 SEARCH_SHARE = 0.45
 # Where a final run starts: the trial's best search checkpoint, or a fresh initialization.
 FINAL_INITS = ("checkpoint", "scratch")
+# A run continuing a checkpoint peaks at this share of the searched learning rate. The trial's
+# one-cycle has annealed it; climbing back to the full rate threw most of its 5 epochs away (val
+# det IoU 0.9393 -> 0.8668 after the first final epoch, back above 0.94 only after 12). Four
+# epochs from that checkpoint: full rate 0.9384, 1/3 0.9427, 1/10 0.9428, 1/30 0.9411
+# (experiments/RESULTS.md, "The final run's learning rate").
+FINAL_LR_SCALE = 0.3
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class FinalSettings:
     seeds: int = 1
     enabled: bool = True
     init: str = "checkpoint"  # --final-init: one of FINAL_INITS
+    lr_scale: float = FINAL_LR_SCALE  # --final-lr-scale: peak learning rate of a run from a checkpoint
 
     def __post_init__(self) -> None:
         for key in ("epochs", "top_k", "seeds"):
@@ -58,6 +65,8 @@ class FinalSettings:
                 raise ConfigError(f"--final-{key.replace('_', '-')} must be >= 1, got {value}")
         if self.init not in FINAL_INITS:
             raise ConfigError(f"--final-init must be one of {FINAL_INITS}, got {self.init!r}")
+        if not 0 < self.lr_scale <= 10:
+            raise ConfigError(f"--final-lr-scale must be in (0, 10], got {self.lr_scale:g}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ class Candidate:
     epoch: float  # the epoch of that report
     canvases_per_s: float  # median training speed of one worker in the search
     checkpoint: Any = None  # the trial's best search checkpoint (a ray.train.Checkpoint)
+    compared_at: float | None = None  # the start point's last epoch, where it was ranked against it
 
 
 @dataclass(frozen=True)
@@ -153,10 +163,13 @@ class FinalOutcome:
             "dist_backend": self.layout.dist_backend, "global_batch_size": self.winner.params.batch_size,
             # What each worker's loop really used (its checkpoint's hyperparameters).
             "batch_size_per_worker": self.winner.state["hyperparameters"]["batch_size"],
+            "peak_lr": self.winner.state["hyperparameters"]["lr"],
             "epochs_planned": self.epochs, "epochs_replanned": self.winner.state["max_epochs"],
             "epochs_trained": self.winner.curve[-1]["epoch"],
             "stopped_by_time_budget": self.stopped_early,
             "trial_id": self.winner.candidate.trial_id, "seed": self.winner.seed,
+            # The start point's last epoch, where the candidates were ranked against it (None: by best score).
+            "compared_at_epoch": self.winner.candidate.compared_at,
             # The search checkpoint's epochs the run continued from (0: from scratch).
             "init": "checkpoint" if self.winner.init_epoch else "scratch", "init_epoch": self.winner.init_epoch,
             "seconds": round(self.winner.seconds, 1),
@@ -189,18 +202,20 @@ def candidates(results, top_k: int, workers_per_trial: int = 1, checkpoints: boo
         found.append((Candidate(trial_id=str(best.get("trial_id", result.path)), config=dict(result.config),
                                 score=float(best[OBJECTIVE]), epoch=float(best["epoch"]),
                                 canvases_per_s=float(speed)), result))
-    start = next((result.metrics_dataframe for candidate, result in found
-                  if is_config(candidate.config, start_point)), None)
-    reach = start["epoch"].max() if start is not None else None
+    starts = [result.metrics_dataframe for candidate, result in found if is_config(candidate.config, start_point)]
+    # The kept trial is the one that trained furthest (a sampler may draw the same values again).
+    reach = max((frame["epoch"].max() for frame in starts), default=None)
 
-    def rank(pair) -> tuple:
-        candidate, result = pair
-        frame = result.metrics_dataframe
+    def rank(candidate: Candidate, frame) -> tuple:
         if reach is None or frame["epoch"].max() < reach:
             return (1, -candidate.score, 0)
-        return (0, -frame.loc[frame["epoch"] <= reach, OBJECTIVE].max(), not is_config(candidate.config, start_point))
+        upto = frame.loc[frame["epoch"] <= reach, OBJECTIVE].max()
+        return (0, -upto if math.isfinite(upto) else math.inf, not is_config(candidate.config, start_point))
 
-    chosen = sorted(found, key=rank)[:top_k]
+    ranked = sorted(((rank(candidate, result.metrics_dataframe), candidate, result) for candidate, result in found),
+                    key=lambda row: row[0])
+    chosen = [(replace(candidate, compared_at=None if key[0] else float(reach)), result)
+              for key, candidate, result in ranked[:top_k]]
     # Only the chosen trials' checkpoints are looked up: another trial's missing one does not matter.
     return [replace(candidate, checkpoint=best_checkpoint(result)[0]) if checkpoints else candidate
             for candidate, result in chosen]
@@ -255,7 +270,8 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
         log(f"final: no time left for one epoch ({why}); exporting the search's best checkpoint")
         return None
     start = "continued from its best search checkpoint" if settings.init == "checkpoint" else "trained from scratch"
-    ranked = "compared with the start point at equal epochs" if start_point else "by best validation det IoU"
+    ranked = (f"ranked against the start point at its epoch {chosen[0].compared_at:g}"
+              if chosen[0].compared_at is not None else "ranked by best validation det IoU")
     plan = (f"final: {len(chosen)} configuration(s) ({ranked}) x {settings.seeds} seed(s), each {start} by a "
             f"TorchTrainer with {layout.workers} worker(s) ({layout.dist_backend}, {layout.reason}); {why}"
             + ("; re-planned after every epoch from its measured time" if budget else ""))
@@ -267,7 +283,7 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
         # Each run gets its share of the time still left, so that one slow run cannot eat the next ones'.
         deadline = time.time() + (budget.deadline - time.time()) / (len(jobs) - index) if budget else None
         runs.append(train_final(candidate, seed, epochs, data, search_settings, layout, deadline, storage,
-                                name=run_name(rank, seed), cap=cap, log=log))
+                                name=run_name(rank, seed), cap=cap, log=log, lr_scale=settings.lr_scale))
     winner = pick_winner(runs)
     stopped = winner.curve[-1]["epoch"] < winner.state["max_epochs"]
     if stopped:
@@ -292,11 +308,12 @@ def pick_winner(runs: list[FinalRun]) -> FinalRun:
 
 def train_final(candidate: Candidate, seed: int, epochs: int, data, search_settings, layout: Layout,
                 deadline: float | None, storage: str, *, name: str, cap: int | None = None, log=print,
-                yield_cpu: bool = True) -> FinalRun:
+                yield_cpu: bool = True, lr_scale: float = FINAL_LR_SCALE) -> FinalRun:
     """One final run: a TorchTrainer over `layout`'s workers, or the saved result of a run that
     already finished (a resumed command). With a deadline, the workers re-plan the number of
     epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`. A candidate with a
-    checkpoint (`candidates(checkpoints=True)`) is trained on from it, one without from scratch."""
+    checkpoint (`candidates(checkpoints=True)`) is trained on from it, its learning rate peaking at
+    `lr_scale` times the searched one; one without from scratch, at the searched rate."""
     from ray import train
     from ray.train.torch import TorchTrainer
 
@@ -309,20 +326,23 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
         raise ConfigError(f"batch_size {params.batch_size} cannot be split over {layout.workers} workers")
     # The global batch the search tuned the learning rate for, split over the workers.
     per_worker = replace(params, batch_size=params.batch_size // layout.workers)
+    # The best checkpoint is the best report's: the candidate's epoch.
+    init_epoch = candidate.epoch if candidate.checkpoint is not None else 0.0
+    if init_epoch:
+        per_worker = replace(per_worker, lr=params.lr * lr_scale)
     settings = TrialSettings(max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
                              storage_path=storage, experiment_name=name, seed=seed, fixed={})
     run_dir = os.path.join(storage, "final", name)
     saved = saved_run(run_dir)
     started = time.perf_counter()
-    # The best checkpoint is the best report's: the candidate's epoch.
-    init_epoch = candidate.epoch if candidate.checkpoint is not None else 0.0
     cap = max(epochs, cap or epochs)
     # The epochs the checkpoint trained on come first in the stream's numbering, so the run goes
     # on with placements the trial has not seen; each further seed of a configuration streams
     # epochs of its own (it starts from the same weights, and would otherwise differ in dropout alone).
     offset = math.ceil(init_epoch) + (seed - search_settings.seed) * cap
     log(f"final: {name}: trial {candidate.trial_id} (search score {candidate.score:.4f}), seed {seed}, "
-        f"{epochs} epochs" + (f" from its search checkpoint at epoch {init_epoch:g}" if init_epoch else " from scratch")
+        f"{epochs} epochs" + (f" from its search checkpoint at epoch {init_epoch:g}, peak learning rate "
+                              f"{per_worker.lr:.3g} ({lr_scale:g} x the searched)" if init_epoch else " from scratch")
         + (f", resuming after epoch {saved.done}" if saved else ""))
     if saved and saved.done >= saved.planned:
         state, placement = saved.state, saved.placement

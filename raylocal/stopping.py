@@ -19,7 +19,9 @@ configuration a user would train without a search, and the final phase continues
 checkpoint. ASHA records its results like any other trial's (they set the rungs' cutoffs) but never
 stops it, so it trains all its epochs, and the final phase can compare any challenger with it at
 equal epochs (`raylocal.final.candidates`) instead of with a start point cut at 2 epochs by a
-faster trial 0.001 ahead (RESULTS.md, the 19-minute run at 3ecd1e0).
+faster trial 0.001 ahead (RESULTS.md, the 19-minute run at 3ecd1e0). It is kept with `--no-final`
+too, where the export is the best checkpoint anywhere: that is then at least the start point
+trained all its epochs. The price is one trial slot held for the whole search.
 
 Built on Ray 2.60's ASHA bracket (Ray is pinned; `tests/test_stopping.py` checks the decisions).
 """
@@ -66,7 +68,8 @@ class FilledRungBracket(_Bracket):
 class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs are rebuilt, when a search resumes, from the results its trials saved.
     `min_others` > 0: promote only from rungs that filled (`FilledRungBracket`). `keep`: the
-    searched values of a configuration ASHA never stops (unless it scores NaN)."""
+    searched values of a configuration whose first trial ASHA never stops (a sampler may draw
+    the same values again later: those trials are stopped like any other)."""
 
     def __init__(self, *, min_others: int = 0, keep: dict | None = None, time_attr: str, max_t: float,
                  grace_period: float, reduction_factor: int) -> None:
@@ -75,25 +78,31 @@ class ResumableASHA(ASHAScheduler):
         if min_others:
             self._brackets = [FilledRungBracket(grace_period, max_t, reduction_factor, 0, min_others=min_others)]
         self.keep = keep or None
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        action = super().on_trial_result(tune_controller, trial, result)
-        score = result.get(self._metric)
-        kept = (action == TrialScheduler.STOP and is_config(trial.config, getattr(self, "keep", None))
-                and result.get(self._time_attr, 0) < self._max_t and score is not None and not math.isnan(score))
-        if kept:
-            self._num_stopped -= 1
-            return TrialScheduler.CONTINUE
-        return action
+        self.kept_trial: str | None = None
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
+        # getattr: a scheduler pickled by a search from before `keep` existed has neither attribute.
+        if getattr(self, "kept_trial", None) is None and is_config(trial.config, getattr(self, "keep", None)):
+            self.kept_trial = trial.trial_id
         if self._time_attr not in trial.run_metadata.last_result:
             return  # a new trial: nothing to replay
         bracket = self._trial_info[trial.trial_id]
         for result in saved_results(trial):
             if self._time_attr in result and result.get(self._metric) is not None:
                 bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        """ASHA's decision, except that the kept trial goes on until its last epoch (its result
+        recorded at the rung all the same); a NaN, which filled rungs stop, stops it too."""
+        action = super().on_trial_result(tune_controller, trial, result)
+        score = result.get(self._metric)
+        kept = (action == TrialScheduler.STOP and trial.trial_id == getattr(self, "kept_trial", None)
+                and result.get(self._time_attr, 0) < self._max_t and score is not None and not math.isnan(score))
+        if kept:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
 
 
 def is_config(config: dict, searched: dict | None) -> bool:
@@ -119,11 +128,10 @@ def saved_results(trial) -> list[dict]:
     return results
 
 
-def make_scheduler(budget: Budget, ranks_only: bool, start_point: dict | None = None) -> ASHAScheduler:
+def make_scheduler(budget: Budget, ranks_only: bool, keep: dict | None = None) -> ASHAScheduler:
     """ASHA counting in epochs (reports are denser in the first epoch than later). `ranks_only`:
-    promote only from rungs that filled; `start_point` is never stopped where the budget keeps it
-    (the module's docstring)."""
-    keep = start_point if budget.keep_start_point else None
+    promote only from rungs that filled; `keep`: the configuration never stopped
+    (`Experiment.kept_start_point()`; the module's docstring)."""
     return ResumableASHA(min_others=budget.reduction_factor - 1 if ranks_only else 0, keep=keep, time_attr="epoch",
                          max_t=budget.max_epochs, grace_period=budget.grace_period,
                          reduction_factor=budget.reduction_factor)

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Experiment, load_experiment, optuna_space
-from raylocal.final import DEFAULT_FINAL_EPOCHS, FINAL_INITS, MAX_FINAL_EPOCHS, FinalSettings, TimeBudget
+from raylocal.final import (
+    DEFAULT_FINAL_EPOCHS,
+    FINAL_INITS,
+    FINAL_LR_SCALE,
+    MAX_FINAL_EPOCHS,
+    FinalSettings,
+    TimeBudget,
+)
 from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU
 
 SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
@@ -71,6 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--final-init", choices=FINAL_INITS, default="checkpoint",
                         help="where final training starts: the winning trial's best search checkpoint (default), "
                         "or a fresh initialization")
+    parser.add_argument("--final-lr-scale", type=float, default=FINAL_LR_SCALE, metavar="F",
+                        help="a final run from a search checkpoint peaks at F x the searched learning rate "
+                        f"(default {FINAL_LR_SCALE:g}: the checkpoint's schedule has annealed)")
     parser.add_argument("--no-final", action="store_true",
                         help="no final training: export the search's best checkpoint")
     parser.add_argument("--seed", type=int, default=0)
@@ -92,12 +102,13 @@ SEARCH_FLAGS = (
     "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "trials_per_gpu",
     "backend", "device",
     "export_dir", "data_dir", "unverified_data", "seed", "smoke_test", "optuna_storage", "mlflow_uri",
-    "time_budget", "final_epochs", "final_top_k", "final_seeds", "final_init", "no_final",
+    "time_budget", "final_epochs", "final_top_k", "final_seeds", "final_init", "final_lr_scale", "no_final",
 )
 PATH_FLAGS = ("experiment", "export_dir", "data_dir")
 # What a search did before a flag existed, where the flag's default now does otherwise: a manifest
-# written then, resumed, keeps it (final runs started from scratch before --final-init).
-BEFORE_THE_FLAG = {"final_init": "scratch"}
+# written then, resumed, keeps it (final runs started from scratch before --final-init, and
+# from a checkpoint at the full learning rate before --final-lr-scale).
+BEFORE_THE_FLAG = {"final_init": "scratch", "final_lr_scale": 1.0}
 
 
 @dataclass(frozen=True)
@@ -178,7 +189,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     budget = DEFAULT_BUDGET_MINUTES if args.time_budget is None and not args.smoke_test else args.time_budget
     final_epochs = args.final_epochs if args.final_epochs is not None else (1 if args.smoke_test else None)
     final = FinalSettings(epochs=final_epochs, top_k=args.final_top_k,
-                          seeds=args.final_seeds, enabled=not args.no_final, init=args.final_init)
+                          seeds=args.final_seeds, enabled=not args.no_final, init=args.final_init,
+                          lr_scale=args.final_lr_scale)
     return Plan(experiment, name, storage, export_dir.absolute(), final=final, budget_minutes=budget or None)
 
 
@@ -254,7 +266,7 @@ def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_fail
         metric=OBJECTIVE,
         mode="max",
         search_alg=search_algorithm(args, plan),
-        scheduler=make_scheduler(budget, ranks_only, start_point=plan.experiment.start_point()),
+        scheduler=make_scheduler(budget, ranks_only, keep=plan.experiment.kept_start_point()),
         num_samples=budget.trials,
         max_concurrent_trials=layout.concurrent,
         time_budget_s=time_budget_s,
@@ -346,9 +358,8 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
     results = tuner.fit()
     final = None
     if plan.final.enabled:
-        start_point = plan.experiment.start_point() if budget.keep_start_point else None
         final = run_final(results, data, settings, plan.final, cluster_final_layout(args), time_budget,
-                          plan.experiment_dir, log=log, start_point=start_point)
+                          plan.experiment_dir, log=log, start_point=plan.experiment.kept_start_point())
     summary = export_best(results, data, settings, plan, search_seconds=time.time() - started, final=final, log=log)
     if "://" not in plan.storage:
         summary["report"] = str(write_report(Path(plan.storage) / plan.name, log=log))

@@ -129,8 +129,12 @@ def test_candidates_are_compared_with_the_start_point_at_equal_epochs():
         # Ahead at the first rung, but stopped there: it cannot be compared at equal epochs.
         searched({"width": 8, "lr": 0.009}, {0.5: 0.95}),
     ]
-    ranked = [candidate.config["lr"] for candidate in candidates(results, top_k=4, start_point=start)]
-    assert ranked == [0.001, 0.003, 0.002, 0.009]
+    chosen = candidates(results, top_k=4, start_point=start)
+    assert [candidate.config["lr"] for candidate in chosen] == [0.001, 0.003, 0.002, 0.009]
+    assert [candidate.compared_at for candidate in chosen] == [3.0, 3.0, 3.0, None]
+    # No score up to the start point's epoch (NaN there): behind it, not ahead.
+    unscored = searched({"width": 8, "lr": 0.004}, {1.0: float("nan"), 3.0: float("nan"), 4.0: 0.99})
+    assert [c.config["lr"] for c in candidates([unscored, results[0]], top_k=2, start_point=start)] == [0.003, 0.004]
     assert candidates(results, top_k=1, start_point=start)[0].score == 0.915
     # A tie at the start point's last epoch keeps the start point.
     tie = [searched({"width": 8, "lr": 0.002}, {1.0: 0.85, 3.0: 0.91, 4.0: 0.93}), results[0]]
@@ -149,14 +153,15 @@ def test_final_flags_and_default_budget():
     assert build_plan(parse(["--time-budget", "0"])).budget_minutes is None
     assert plan.final.init == "checkpoint"
     custom = build_plan(parse(["--final-top-k", "3", "--final-seeds", "2", "--final-epochs", "7", "--no-final",
-                               "--final-init", "scratch"]))
-    assert custom.final == FinalSettings(epochs=7, top_k=3, seeds=2, enabled=False, init="scratch")
+                               "--final-init", "scratch", "--final-lr-scale", "0.5"]))
+    assert custom.final == FinalSettings(epochs=7, top_k=3, seeds=2, enabled=False, init="scratch", lr_scale=0.5)
     with pytest.raises(ConfigError, match="--final-init must be one of"):
         FinalSettings(init="warm")
     for flags, message in [(["--time-budget", "-1"], "--time-budget must be >= 0"),
                            (["--final-top-k", "0"], "--final-top-k must be >= 1"),
                            (["--final-seeds", "0"], "--final-seeds must be >= 1"),
-                           (["--final-epochs", "0"], "--final-epochs must be >= 1")]:
+                           (["--final-epochs", "0"], "--final-epochs must be >= 1"),
+                           (["--final-lr-scale", "0"], r"--final-lr-scale must be in \(0, 10\]")]:
         with pytest.raises(ConfigError, match=message):
             build_plan(parse(flags))
 

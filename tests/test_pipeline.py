@@ -10,6 +10,7 @@ import torch
 
 from raylocal.config import DataSettings
 from raylocal.export import EXPORT_FILES, load_program, onnx_session
+from raylocal.final import FINAL_LR_SCALE
 from raylocal.mnist import load_mnist
 from raylocal.synthesis import split_plan, synthesize_shard
 from raylocal.tune import get_args_parser, main
@@ -100,6 +101,8 @@ def check_final_phase(card: dict, cluster_nodes: set[str]) -> None:
     final = card["final"]
     assert final["trial_id"] == card["search"]["best_trial"]["trial_id"]
     assert (final["init"], final["init_epoch"]) == ("checkpoint", card["search"]["best_trial"]["epoch"])
+    # From a checkpoint the learning rate peaks at FINAL_LR_SCALE of the searched one.
+    assert final["peak_lr"] == pytest.approx(FINAL_LR_SCALE * card["hyperparameters"]["lr"])
     # The final model is exported unless it scores below the search's best checkpoint on validation.
     search_score = card["search"]["best_trial"]["validation"]["val_det_iou"]
     assert final["exported"] == (final["curve"][-1]["val_det_iou"] >= search_score)

@@ -134,11 +134,14 @@ def test_a_search_from_before_final_init_resumes_its_final_runs_as_they_started(
 
     folder = tmp_path / "old"
     folder.mkdir()
-    # Final runs started from scratch before the flag existed; a manifest that names it keeps it.
-    for flags, expected in [({"seed": 0}, "scratch"), ({"seed": 0, "final_init": "checkpoint"}, "checkpoint")]:
+    # Final runs started from scratch before the flag existed, and from a checkpoint at the full
+    # learning rate before --final-lr-scale; a manifest that names them keeps them.
+    for flags, expected in [({"seed": 0}, ("scratch", 1.0)),
+                            ({"seed": 0, "final_init": "checkpoint"}, ("checkpoint", 1.0)),
+                            ({"seed": 0, "final_init": "checkpoint", "final_lr_scale": 0.3}, ("checkpoint", 0.3))]:
         (folder / "raylocal_search.json").write_text(json.dumps({"flags": flags, "experiment": Experiment().describe()}))
         args, _ = resumed(get_args_parser().parse_args(["--resume", str(folder)]))
-        assert args.final_init == expected
+        assert (args.final_init, args.final_lr_scale) == expected
 
 
 def test_resuming_with_another_seed_is_refused(tmp_path, capsys):

@@ -122,28 +122,49 @@ def test_the_start_point_is_never_stopped_unless_it_scores_nan(tmp_path):
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
+    from raylocal.config import Experiment
     from raylocal.stopping import make_scheduler
 
     start = {"width": 16, "lr": 0.003}
-    scheduler = make_scheduler(BUDGET, ranks_only=False, start_point=start)
-    scheduler.set_search_properties(OBJECTIVE, "max")
 
-    def trial(config):
+    def scheduler_for(ranks_only=False):
+        made = make_scheduler(BUDGET, ranks_only=ranks_only, keep=start)
+        made.set_search_properties(OBJECTIVE, "max")
+        return made
+
+    def trial(scheduler, config):
         made = Trial("run_trial", config=config, stub=True)
         scheduler.on_trial_add(None, made)
         return made
 
-    def at_rung(made, score):
-        return scheduler.on_trial_result(None, made, {OBJECTIVE: score, "epoch": BUDGET.grace_period})
+    def at_rung(scheduler, made, score, epoch=BUDGET.grace_period):
+        return scheduler.on_trial_result(None, made, {OBJECTIVE: score, "epoch": epoch})
 
-    assert at_rung(trial({"width": 8, "lr": 0.003}), 0.9) == TrialScheduler.CONTINUE  # an empty rung
-    assert at_rung(trial({"width": 8, "lr": 0.001}), 0.5) == TrialScheduler.STOP  # below the cutoff
-    assert at_rung(trial(dict(start)), 0.4) == TrialScheduler.CONTINUE  # below it too, and kept
-    # Its results still set the rung: the cutoff of {0.9, 0.5, 0.4} stops a 0.45 as before.
-    assert at_rung(trial({"width": 8, "lr": 0.002}), 0.45) == TrialScheduler.STOP
+    scheduler = scheduler_for()
+    kept = trial(scheduler, dict(start))
+    assert at_rung(scheduler, trial(scheduler, {"width": 8, "lr": 0.003}), 0.9) == TrialScheduler.CONTINUE
+    assert at_rung(scheduler, trial(scheduler, {"width": 8, "lr": 0.001}), 0.5) == TrialScheduler.STOP
+    assert at_rung(scheduler, kept, 0.4) == TrialScheduler.CONTINUE  # below the cutoff (0.5) too, and kept
+    # Its result still sets the rung: the median of {0.9, 0.5, 0.4} lets a 0.6 through, which
+    # {0.9, 0.5} alone (0.7) would stop.
+    assert at_rung(scheduler, trial(scheduler, {"width": 8, "lr": 0.002}), 0.6) == TrialScheduler.CONTINUE
+    # The same values drawn again later are a trial like any other.
+    assert at_rung(scheduler, trial(scheduler, dict(start)), 0.3) == TrialScheduler.STOP
+    assert scheduler._num_stopped == 2
     # At its last epoch it ends like every trial.
-    assert scheduler.on_trial_result(None, trial(dict(start)), {OBJECTIVE: 0.4, "epoch": BUDGET.max_epochs}) == \
-        TrialScheduler.STOP
-    # The budget key turns it off; a search described before the key existed ran without it.
-    off = make_scheduler(replace(BUDGET, keep_start_point=False), ranks_only=False, start_point=start)
-    assert off.keep is None
+    assert at_rung(scheduler, kept, 0.4, epoch=BUDGET.max_epochs) == TrialScheduler.STOP
+
+    # Filled rungs stop a NaN, the kept trial's too.
+    filled = scheduler_for(ranks_only=True)
+    assert at_rung(filled, trial(filled, dict(start)), math.nan) == TrialScheduler.STOP
+
+    # A scheduler pickled by a search from before the key (no `keep`) keeps nothing, and such a
+    # search's description says it ran without it.
+    old = scheduler_for()
+    del old.keep, old.kept_trial
+    assert at_rung(old, trial(old, {"width": 8, "lr": 0.003}), 0.9) == TrialScheduler.CONTINUE
+    assert at_rung(old, trial(old, dict(start)), 0.4) == TrialScheduler.STOP
+    described = Experiment().describe()
+    del described["budget"]["keep_start_point"]
+    assert Experiment.from_description(described).kept_start_point() is None
+    assert Experiment().kept_start_point() == Experiment().start_point()
