@@ -43,7 +43,7 @@ def model_from_state(state: dict[str, Any], params: Hyperparameters):
 
 def load_model(checkpoint):
     state = load_checkpoint_state(checkpoint)
-    return model_from_state(state, Hyperparameters(**state["hyperparameters"]))
+    return model_from_state(state, Hyperparameters.from_saved(state["hyperparameters"]))
 
 
 def check_finished(results) -> list:

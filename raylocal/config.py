@@ -14,6 +14,12 @@ from typing import Any
 
 OBJECTIVE = "val_det_iou"
 BOX_LOSSES = ("smooth_l1", "giou")
+# How the model places a box (raylocal.model): the expected position of a learned heatmap, or a
+# regression from the flattened trunk (what every search before the first ran with).
+BOX_HEADS = ("softargmax", "flatten")
+# Fields added after searches, checkpoints and model cards were first written, with the value
+# those ran with: a saved configuration without the field is read with it.
+BEFORE_THE_FIELD = {"box_head": "flatten"}
 
 
 class ConfigError(ValueError):
@@ -58,6 +64,7 @@ class ModelConfig:
     width: int = 16
     head_width: int = 128
     dropout: float = 0.1
+    box_head: str = "softargmax"
 
     def __post_init__(self) -> None:
         # 75 px halves to 2 px after five pools; a sixth would leave nothing to pool.
@@ -69,9 +76,18 @@ class ModelConfig:
             raise ConfigError(f"head_width must be in [4, 4096], got {self.head_width}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.box_head not in BOX_HEADS:
+            raise ConfigError(f"box_head must be one of {BOX_HEADS}, got {self.box_head!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]):
+        """A configuration written by an earlier run (a checkpoint, a model card, a search's
+        description), which may predate some fields (`BEFORE_THE_FIELD`)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in BEFORE_THE_FIELD.items() if key in names} | values)
 
 
 @dataclass(frozen=True)
@@ -240,7 +256,7 @@ class Experiment:
         """Inverse of `describe` (which is what a search keeps beside its results)."""
         return cls(
             name=described["name"],
-            fixed=Hyperparameters(**described["fixed"]),
+            fixed=Hyperparameters.from_saved(described["fixed"]),
             space=tuple(Dimension(**d | {"values": tuple(d["values"])}) for d in described["space"]),
             # A search described before keep_start_point existed ran without it.
             budget=Budget(**{"keep_start_point": False} | described["budget"]),

@@ -102,7 +102,7 @@ def run_program(program: torch.nn.Module, canvases: torch.Tensor) -> tuple[torch
 def load_state_dict_model(export_dir: str | os.PathLike) -> Localizer:
     export_dir = Path(export_dir)
     config = json.loads((export_dir / "config.json").read_text())
-    model = build_model(ModelConfig(**config["model"]))
+    model = build_model(ModelConfig.from_saved(config["model"]))
     model.load_state_dict(torch.load(export_dir / "state_dict.pt", weights_only=True))
     return model.eval()
 

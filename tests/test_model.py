@@ -33,17 +33,18 @@ def assert_well_formed(boxes: torch.Tensor) -> None:
     assert torch.all(boxes[:, 0] <= boxes[:, 2]) and torch.all(boxes[:, 1] <= boxes[:, 3])
 
 
+@pytest.mark.parametrize("box_head", ["softargmax", "flatten"])
 @pytest.mark.parametrize("width", [1, 6])
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
-def test_output_shapes_for_every_depth(depth, width):
-    logits, boxes = tiny_model(depth=depth, width=width).eval()(canvases(3))
+def test_output_shapes_for_every_depth(depth, width, box_head):
+    logits, boxes = tiny_model(depth=depth, width=width, box_head=box_head).eval()(canvases(3))
     assert logits.shape == (3, NUM_CLASSES) and logits.dtype == torch.float32
     assert boxes.shape == (3, 4) and boxes.dtype == torch.float32
     assert_well_formed(boxes)
 
 
 def test_boxes_are_clamped_to_the_canvas_when_the_head_saturates():
-    model = tiny_model().eval()
+    model = tiny_model(box_head="flatten").eval()
     with torch.no_grad():
         model.box_head.weight.zero_()
         model.box_head.bias.copy_(torch.tensor([-50.0, 50.0, 50.0, 50.0]))
@@ -57,6 +58,55 @@ def test_boxes_stay_well_formed_for_extreme_head_weights():
         model.box_head.weight.mul_(1e4)
         _, boxes = model(canvases(8, seed=1))
     assert_well_formed(boxes)
+
+
+class OneHot(torch.nn.Module):
+    """A heatmap that puts all its weight on one cell, in place of the learned one."""
+
+    def __init__(self, row: int, column: int) -> None:
+        super().__init__()
+        self.row, self.column = row, column
+
+    def forward(self, early: torch.Tensor) -> torch.Tensor:
+        heat = torch.zeros(early.shape[0], 1, *early.shape[2:])
+        heat[:, :, self.row, self.column] = 100.0
+        return heat
+
+
+@pytest.mark.parametrize(("row", "column"), [(0, 0), (3, 11), (17, 17)])
+def test_the_softargmax_centre_is_the_heatmap_cell_in_canvas_coordinates(row, column):
+    # Depth 4: the heatmap is the second block's 18x18 output, cells of 4x4 canvas pixels.
+    model = tiny_model(depth=4).eval()
+    model.heatmap = OneHot(row, column)
+    with torch.no_grad():
+        model.box_head.weight.zero_()
+        model.box_head.bias.zero_()  # no correction; size sigmoid(0) = half the canvas
+        _, boxes = model(canvases(2))
+    x, y = (4 * column + 2) / CANVAS, (4 * row + 2) / CANVAS
+    expected = torch.tensor([x - 0.25, y - 0.25, x + 0.25, y + 0.25]).clamp(0, 1)
+    torch.testing.assert_close(boxes, expected.repeat(2, 1))
+
+
+def test_a_uniform_heatmap_puts_the_centre_at_the_middle_of_the_cells():
+    model = tiny_model(depth=3).eval()
+    with torch.no_grad():
+        model.heatmap.weight.zero_()
+        model.box_head.weight.zero_()
+        model.box_head.bias.zero_()
+        _, boxes = model(canvases(3))
+    middle = (18 * 4 / 2) / CANVAS  # floor pooling leaves 72 of the 75 pixels in cells
+    torch.testing.assert_close((boxes[:, :2] + boxes[:, 2:]) / 2, torch.full((3, 2), middle))
+
+
+def test_the_flatten_head_has_no_heatmap_and_reads_the_whole_trunk():
+    model = tiny_model(depth=4, box_head="flatten")
+    assert not hasattr(model, "heatmap") and model.split == 4
+
+
+def test_a_configuration_saved_before_box_head_reads_as_the_flatten_head():
+    saved = {key: value for key, value in ModelConfig(depth=3).to_dict().items() if key != "box_head"}
+    assert ModelConfig.from_saved(saved) == ModelConfig(depth=3, box_head="flatten")
+    assert ModelConfig.from_saved(saved | {"box_head": "softargmax"}).box_head == "softargmax"
 
 
 @pytest.mark.parametrize(
@@ -99,7 +149,8 @@ def test_eval_mode_is_deterministic_and_batch_independent():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"depth": 0}, {"depth": 6}, {"width": 0}, {"width": 257}, {"head_width": 3}, {"dropout": 1.0}, {"dropout": -0.1}],
+    [{"depth": 0}, {"depth": 6}, {"width": 0}, {"width": 257}, {"head_width": 3}, {"dropout": 1.0}, {"dropout": -0.1},
+     {"box_head": "global_pool"}],
     ids=lambda overrides: "-".join(f"{k}={v}" for k, v in overrides.items()),
 )
 def test_invalid_model_config_raises(overrides):
