@@ -313,3 +313,17 @@ def test_the_start_point_is_the_unsearched_default_moved_into_each_range():
     assert point == {"lr": 1e-2, "width": 4, "dropout": 0.05, "batch_size": 128}
     assert type(point["batch_size"]) is int
     Hyperparameters.from_dict(point)  # a valid configuration
+
+
+def test_a_search_described_before_box_head_resumes_with_the_flatten_head():
+    described = Experiment().describe()
+    del described["fixed"]["box_head"]
+    assert Experiment.from_description(described).fixed == Hyperparameters(box_head="flatten")
+    assert Experiment.from_description(Experiment().describe()) == Experiment()
+
+
+def test_a_box_head_can_be_fixed_or_searched_by_name():
+    experiment = parse_experiment({"space": {"box_head": {"type": "choice", "values": ["softargmax", "flatten"]}}}, "x")
+    assert experiment.start_point() == {"box_head": "softargmax"}
+    with pytest.raises(ConfigError, match="box_head"):
+        parse_experiment({"fixed": {"box_head": "pooled"}}, "x")

@@ -164,3 +164,17 @@ def test_two_exports_to_one_folder_at_once_never_interleave(tmp_path):
     for name, digest in card["files"].items():
         assert hashlib.sha256((target / name).read_bytes()).hexdigest() == digest
     assert leftovers(tmp_path) == []
+
+
+def test_an_export_from_before_box_head_loads_as_the_flatten_model_it_holds(tmp_path):
+    torch.manual_seed(0)
+    old = Localizer(ModelConfig(depth=2, width=4, head_width=16, box_head="flatten"))
+    path = export_model(old, tmp_path / "old", CARD, log=print)
+    config = json.loads((path / "config.json").read_text())
+    del config["model"]["box_head"]  # as exports before the field wrote it
+    (path / "config.json").write_text(json.dumps(config))
+    rebuilt = load_state_dict_model(path)
+    assert rebuilt.config.box_head == "flatten"
+    images = canvases(2)
+    for want, got in zip(eager_outputs(old, images), eager_outputs(rebuilt, images)):
+        np.testing.assert_array_equal(got, want)

@@ -178,3 +178,22 @@ def test_a_few_sgd_steps_on_a_fixed_batch_reduce_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_checkpoint_from_before_box_head_loads_as_the_model_it_trained(tmp_path):
+    from dataclasses import asdict
+
+    from ray.train import Checkpoint
+
+    from raylocal.best import load_model
+    from raylocal.config import Hyperparameters
+    from raylocal.train import CHECKPOINT_FILE
+
+    params = Hyperparameters(depth=2, width=4, head_width=16, box_head="flatten")
+    old = tiny_model(box_head="flatten")
+    saved = {key: value for key, value in asdict(params).items() if key != "box_head"}
+    torch.save({"model": old.state_dict(), "epoch": 1.0, "hyperparameters": saved}, tmp_path / CHECKPOINT_FILE)
+    model, loaded, epoch = load_model(Checkpoint.from_directory(tmp_path))
+    assert loaded == params and epoch == 1.0 and not hasattr(model, "heatmap")
+    with torch.no_grad():
+        torch.testing.assert_close(model(canvases(2)), old.eval()(canvases(2)))
