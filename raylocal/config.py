@@ -18,12 +18,19 @@ BOX_LOSSES = ("smooth_l1", "giou")
 # regression from the flattened trunk (what every search before the first ran with).
 BOX_HEADS = ("softargmax", "flatten")
 # Fields added after searches, checkpoints and model cards were first written, with the value
-# those ran with: a saved configuration without the field is read with it.
-BEFORE_THE_FIELD = {"box_head": "flatten"}
+# those ran with: a saved configuration without the field is read with it (`from_saved`).
+BEFORE_THE_FIELD = {"box_head": "flatten", "keep_start_point": False}
 
 
 class ConfigError(ValueError):
     """A bad value or key in the command line or an experiment file."""
+
+
+def from_saved(cls: type, values: dict[str, Any]):
+    """Dataclass `cls` from a table written by an earlier run (a checkpoint, a model card, a
+    search's description), which may predate some fields (`BEFORE_THE_FIELD`)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{key: value for key, value in BEFORE_THE_FIELD.items() if key in names} | values)
 
 
 def coerce(where: str, value: Any, kind: type) -> Any:
@@ -84,10 +91,7 @@ class ModelConfig:
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]):
-        """A configuration written by an earlier run (a checkpoint, a model card, a search's
-        description), which may predate some fields (`BEFORE_THE_FIELD`)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in BEFORE_THE_FIELD.items() if key in names} | values)
+        return from_saved(cls, values)
 
 
 @dataclass(frozen=True)
@@ -258,8 +262,7 @@ class Experiment:
             name=described["name"],
             fixed=Hyperparameters.from_saved(described["fixed"]),
             space=tuple(Dimension(**d | {"values": tuple(d["values"])}) for d in described["space"]),
-            # A search described before keep_start_point existed ran without it.
-            budget=Budget(**{"keep_start_point": False} | described["budget"]),
+            budget=from_saved(Budget, described["budget"]),
             data=DataSettings(**described["data"]),
         )
 

@@ -1,8 +1,8 @@
 """Model stage: one convolutional trunk, two heads (digit logits, normalized box).
 
 The box head (`box_head`): by default the box's centre is the expected position under a heatmap
-the second block predicts (a spatial soft-argmax, as in keypoint regression), plus a small
-correction and the size from the dense head; `"flatten"` regresses all four numbers from the
+the second block predicts (a spatial soft-argmax, as in keypoint regression), moved by a
+correction from the dense head, which also predicts the size; `"flatten"` regresses all four numbers from the
 flattened trunk, as every model before it did.
 """
 
