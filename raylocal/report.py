@@ -22,11 +22,13 @@ from matplotlib.ticker import MaxNLocator
 
 from raylocal.cli import run
 from raylocal.config import OBJECTIVE
-from raylocal.results import COMPLETED, ERROR, RUNNING, STOPPED, SearchFolderError, longest_run, read_search
+from raylocal.results import (COMPLETED, ERROR, RUNNING, STOPPED, TIME_BUDGET, SearchFolderError, longest_run,
+                              read_search)
 
 BEST = f"best_{OBJECTIVE}"
 LAST_METRICS = ("det_iou", "mean_iou", "accuracy", "iou50", "iou75")
-COLORS = {COMPLETED: "tab:green", STOPPED: "tab:orange", RUNNING: "tab:blue", ERROR: "tab:red"}
+COLORS = {COMPLETED: "tab:green", STOPPED: "tab:orange", TIME_BUDGET: "tab:purple", RUNNING: "tab:blue",
+          ERROR: "tab:red"}
 TOP_CURVES, TOP_TABLE = 5, 10
 PLOTS = {
     "best_so_far.png": f"best {OBJECTIVE} found so far against trial number (creation order); "

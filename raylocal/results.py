@@ -18,6 +18,7 @@ import pandas as pd
 from raylocal.config import OBJECTIVE
 
 COMPLETED, STOPPED, RUNNING, ERROR = "completed", "stopped early (ASHA)", "running/interrupted", "error"
+TIME_BUDGET = "ended by the time budget"
 
 
 class SearchFolderError(RuntimeError):
@@ -45,13 +46,16 @@ class TrialRun:
         return self.history.loc[self.history[OBJECTIVE].idxmax()].to_dict()
 
     def stop_reason(self, max_epochs: float) -> str:
-        return stop_reason(self.status, self.last.get("epoch", 0.0), max_epochs)
+        return stop_reason(self.status, self.last.get("epoch", 0.0), max_epochs, self.last.get("done") in (True, 1))
 
 
-def stop_reason(status: str, last_epoch: float, max_epochs: float) -> str:
-    """How a trial ended: Tune's status, and for a terminated one whether it ran its course."""
+def stop_reason(status: str, last_epoch: float, max_epochs: float, decided: bool) -> str:
+    """How a trial ended: Tune's status, and for a terminated one whether it ran its course.
+    `decided`: its last report carries `done`, which Tune writes on the report a scheduler (ASHA)
+    or stopper chose to stop at; a search's time budget stops running trials between reports,
+    so their last report has none."""
     if status == "TERMINATED":
-        return COMPLETED if last_epoch >= max_epochs else STOPPED
+        return COMPLETED if last_epoch >= max_epochs else STOPPED if decided else TIME_BUDGET
     return ERROR if status == "ERROR" else RUNNING
 
 

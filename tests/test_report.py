@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,18 @@ from PIL import Image
 
 from raylocal.config import OBJECTIVE
 from raylocal.report import cli, importances, write_report
-from raylocal.results import COMPLETED, ERROR, RUNNING, STOPPED, read_search, stop_reason
+from raylocal.results import COMPLETED, ERROR, RUNNING, STOPPED, TIME_BUDGET, read_search, stop_reason
 
 PNGS = ("best_so_far.png", "params.png", "importance.png", "learning_curves.png")
-# lr -> (depth, box_loss, scores, fails): 4 reports per epoch. The first is best at report 7 of 8,
-# so its best epoch (1.75) differs from its last (2.0); the last fails after a diverged report.
+# lr -> (depth, box_loss, scores, how it ends): 4 reports per epoch. The first is best at report 7 of
+# 8, so its best epoch (1.75) differs from its last (2.0). "stopped": a stopper stops it at its last
+# score, the decision ASHA makes; "ends": it returns between reports without a decision, as a trial
+# does that a search's time budget stops; "fails": it raises after a diverged report.
 SCRIPTS = {
-    1e-3: (4, "giou", [0.1, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.78], False),
-    5e-2: (3, "smooth_l1", [0.05, 0.3], False),
-    1e-4: (3, "smooth_l1", [0.1, 0.2, math.nan], True),
+    1e-3: (4, "giou", [0.1, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.78], "completes"),
+    5e-2: (3, "smooth_l1", [0.05, 0.3], "stopped"),
+    1e-4: (3, "smooth_l1", [0.1, 0.2, math.nan], "fails"),
+    3e-3: (5, "giou", [0.1, 0.25, 0.4], "ends"),
 }
 MAX_EPOCHS = 2.0
 
@@ -35,11 +39,14 @@ def run_scripted_search(storage: Path, name: str = "search", lrs: tuple[float, .
     # Nested, so that Ray ships the function itself: the workers cannot import this test module.
     def scripted_trial(config: dict) -> None:
         """Reports its script's scores, as raylocal's trials report theirs."""
-        *_, scores, fails = scripts[config["lr"]]
+        *_, scores, ends = scripts[config["lr"]]
         for step, score in enumerate(scores, 1):
             tune.report({OBJECTIVE: score, "val_accuracy": min(1.0, score + 0.1), "val_mean_iou": score + 0.05,
-                         "val_iou50": 0.9, "val_iou75": 0.4, "epoch": step / 4})
-        if fails:
+                         "val_iou50": 0.9, "val_iou75": 0.4, "epoch": step / 4,
+                         "script_stops": ends == "stopped" and step == len(scores)})
+        if ends == "stopped":
+            time.sleep(60)  # the stopper ends the trial first
+        if ends == "fails":
             raise RuntimeError("boom")
 
     tuner = tune.Tuner(
@@ -50,7 +57,8 @@ def run_scripted_search(storage: Path, name: str = "search", lrs: tuple[float, .
             "box_loss": tune.sample_from(lambda spec: scripts[spec.config.lr][1]),
         },
         tune_config=tune.TuneConfig(max_concurrent_trials=1),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                  stop=lambda trial_id, result: bool(result["script_stops"])),
     )
     tuner.fit()
     return storage / name
@@ -78,10 +86,10 @@ def read_rows(report_md: Path) -> list[dict[str, str]]:
 @pytest.mark.ray
 def test_trials_csv_has_one_row_per_trial_best_first_with_its_stop_reason(report):
     rows = read_rows(report[0])
-    assert [float(row["lr"]) for row in rows] == [1e-3, 5e-2, 1e-4]
-    assert [row["stop_reason"] for row in rows] == [COMPLETED, STOPPED, ERROR]
-    assert [row["trial"] for row in rows] == ["1", "2", "3"]
-    assert [row["reports"] for row in rows] == ["8", "2", "3"]
+    assert [float(row["lr"]) for row in rows] == [1e-3, 3e-3, 5e-2, 1e-4]
+    assert [row["stop_reason"] for row in rows] == [COMPLETED, TIME_BUDGET, STOPPED, ERROR]
+    assert [row["trial"] for row in rows] == ["1", "4", "2", "3"]
+    assert [row["reports"] for row in rows] == ["8", "3", "2", "3"]
     first = rows[0]
     assert (first["depth"], first["box_loss"]) == ("4", "giou")
     assert float(first["best_val_det_iou"]) == 0.8 and float(first["best_epoch"]) == 1.75
@@ -94,19 +102,20 @@ def test_trials_csv_has_one_row_per_trial_best_first_with_its_stop_reason(report
 @pytest.mark.ray
 def test_the_reader_gives_each_trial_its_parameters_history_and_status(experiment):
     trials = read_search(experiment)
-    assert [trial.status for trial in trials] == ["TERMINATED", "TERMINATED", "ERROR"]
-    assert [trial.params["depth"] for trial in trials] == [4, 3, 3]
+    assert [trial.status for trial in trials] == ["TERMINATED", "TERMINATED", "ERROR", "TERMINATED"]
+    assert [trial.params["depth"] for trial in trials] == [4, 3, 3, 5]
     assert list(trials[0].history[OBJECTIVE]) == SCRIPTS[1e-3][2]
     assert trials[0].best["epoch"] == 1.75 and trials[0].stop_reason(MAX_EPOCHS) == COMPLETED
 
 
 @pytest.mark.parametrize(
-    "status, epoch, reason",
-    [("TERMINATED", 2.0, COMPLETED), ("TERMINATED", 0.5, STOPPED), ("ERROR", 1.0, ERROR),
-     ("RUNNING", 1.0, RUNNING), ("PENDING", 0.0, RUNNING), ("PAUSED", 1.0, RUNNING)],
+    "status, epoch, decided, reason",
+    [("TERMINATED", 2.0, True, COMPLETED), ("TERMINATED", 2.0, False, COMPLETED), ("TERMINATED", 0.5, True, STOPPED),
+     ("TERMINATED", 0.5, False, TIME_BUDGET), ("ERROR", 1.0, False, ERROR), ("RUNNING", 1.0, False, RUNNING),
+     ("PENDING", 0.0, False, RUNNING), ("PAUSED", 1.0, False, RUNNING)],
 )
-def test_how_a_trial_ended_comes_from_tunes_status(status, epoch, reason):
-    assert stop_reason(status, epoch, MAX_EPOCHS) == reason
+def test_how_a_trial_ended_comes_from_tunes_status_and_its_last_report(status, epoch, decided, reason):
+    assert stop_reason(status, epoch, MAX_EPOCHS, decided) == reason
 
 
 @pytest.mark.ray
@@ -123,7 +132,8 @@ def test_every_plot_is_written_and_opens_at_a_readable_size(report):
 def test_report_md_counts_trials_names_the_best_and_links_files_that_exist(report):
     path = report[0]
     text = path.read_text()
-    assert "3 trials: 1 completed, 1 stopped early (ASHA), 0 running/interrupted, 1 error" in text
+    assert ("4 trials: 1 completed, 1 stopped early (ASHA), 1 ended by the time budget, 0 running/interrupted, "
+            "1 error") in text
     assert "**0.8000** at epoch 1.75" in text
     links = re.findall(r"\]\(([^)]+)\)", text)
     assert set(links) == {"trials.csv", *PNGS}
