@@ -158,7 +158,8 @@ def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_search_killed_in_its_final_phase_resumes_the_final_run(ray_session, tmp_path, tiny_mnist_dir, start_search):
-    experiment = EXPERIMENT.replace("trials = 3", "trials = 1").replace("max_epochs = 8", "max_epochs = 1")
+    experiment = (EXPERIMENT.replace("trials = 3", "trials = 1").replace("max_epochs = 8", "max_epochs = 1")
+                  .replace("grace_period = 8", "grace_period = 1"))
     (tmp_path / "space.toml").write_text(experiment)
     experiment_dir = tmp_path / "results" / "resumable"
     run_dir = experiment_dir / "final" / "final-1-seed0"
