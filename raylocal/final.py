@@ -37,7 +37,8 @@ DDP_EFFICIENCY = 0.8
 # finish took 31-32 s of which 16-18 s scored the test split), see experiments/RESULTS.md.
 START_SECONDS = 40
 FINISH_SECONDS = 40
-# The search's share of the time a budget leaves to train; the final phase gets the rest.
+# The search's share of the time a budget leaves to train (`--search-share`); the final phase
+# gets the rest.
 SEARCH_SHARE = 0.45
 # Where a final run starts: the trial's best search checkpoint, or a fresh initialization.
 FINAL_INITS = ("checkpoint", "scratch")
@@ -77,6 +78,7 @@ class TimeBudget:
     seconds: float
     started: float
     final: bool = True  # False: no final phase, the search may use all of it
+    share: float = SEARCH_SHARE  # the search's share of the time left to train
 
     @property
     def deadline(self) -> float:
@@ -91,7 +93,7 @@ class TimeBudget:
         left = self.deadline - time.time()
         if self.search_takes_all(left):
             return max(1.0, left)
-        return SEARCH_SHARE * (left - START_SECONDS)
+        return self.share * (left - START_SECONDS)
 
     def leaves_final_phase(self) -> bool:
         """Whether, from now, there is room for a final phase after the search's share."""
@@ -102,8 +104,8 @@ class TimeBudget:
         return not self.final or left - START_SECONDS <= START_SECONDS
 
     @classmethod
-    def for_command(cls, minutes: float, started: float, final: bool) -> TimeBudget:
-        return cls(minutes * 60, started, final)
+    def for_command(cls, minutes: float, started: float, final: bool, share: float = SEARCH_SHARE) -> TimeBudget:
+        return cls(minutes * 60, started, final, share)
 
     def describe(self, search_seconds: float) -> str:
         minutes = self.seconds / 60
@@ -111,7 +113,7 @@ class TimeBudget:
         no_room = " (no room for a final phase)" if self.final else ""
         rest = (f"then {FINISH_SECONDS} s for scoring and export{no_room}" if takes_all
                 else f"the final phase gets what is left less {FINISH_SECONDS} s for scoring and export")
-        share = "" if takes_all else f" ({SEARCH_SHARE:.0%} of the time left to train)"
+        share = "" if takes_all else f" ({self.share:.0%} of the time left to train)"
         return (f"time budget: {minutes:g} min for the whole command: the search stops starting and running trials "
                 f"{search_seconds / 60:.1f} min from now{share}, {rest}")
 

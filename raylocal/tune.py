@@ -25,6 +25,7 @@ from raylocal.final import (
     FINAL_INITS,
     FINAL_LR_SCALE,
     MAX_FINAL_EPOCHS,
+    SEARCH_SHARE,
     FinalSettings,
     TimeBudget,
 )
@@ -68,6 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help=f"bound on the whole command, search plus final training (default {DEFAULT_BUDGET_MINUTES:g}; "
                         "0: none; --smoke-test: none)")
+    parser.add_argument("--search-share", type=float, default=SEARCH_SHARE, metavar="F",
+                        help="with a time budget and a final phase, the search's share of the time left to train "
+                        f"(default {SEARCH_SHARE:g}); the final phase gets the rest")
     parser.add_argument("--final-epochs", type=int, metavar="E",
                         help="epochs of the final training (default: as many as the time budget allows, at most "
                         f"{MAX_FINAL_EPOCHS}; {DEFAULT_FINAL_EPOCHS} without a budget)")
@@ -102,7 +106,7 @@ SEARCH_FLAGS = (
     "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "trials_per_gpu",
     "backend", "device",
     "export_dir", "data_dir", "unverified_data", "seed", "smoke_test", "optuna_storage", "mlflow_uri",
-    "time_budget", "final_epochs", "final_top_k", "final_seeds", "final_init", "final_lr_scale", "no_final",
+    "time_budget", "search_share", "final_epochs", "final_top_k", "final_seeds", "final_init", "final_lr_scale", "no_final",
 )
 PATH_FLAGS = ("experiment", "export_dir", "data_dir")
 # What a search did before a flag existed, where the flag's default now does otherwise: a manifest
@@ -119,6 +123,7 @@ class Plan:
     export_dir: Path
     final: FinalSettings = field(default_factory=FinalSettings)
     budget_minutes: float | None = None
+    search_share: float = SEARCH_SHARE
     resume: bool = False
 
     @property
@@ -187,11 +192,14 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if args.time_budget is not None and args.time_budget < 0:
         raise ConfigError(f"--time-budget must be >= 0 minutes, got {args.time_budget:g}")
     budget = DEFAULT_BUDGET_MINUTES if args.time_budget is None and not args.smoke_test else args.time_budget
+    if not 0 < args.search_share < 1:
+        raise ConfigError(f"--search-share must be between 0 and 1, got {args.search_share:g}")
     final_epochs = args.final_epochs if args.final_epochs is not None else (1 if args.smoke_test else None)
     final = FinalSettings(epochs=final_epochs, top_k=args.final_top_k,
                           seeds=args.final_seeds, enabled=not args.no_final, init=args.final_init,
                           lr_scale=args.final_lr_scale)
-    return Plan(experiment, name, storage, export_dir.absolute(), final=final, budget_minutes=budget or None)
+    return Plan(experiment, name, storage, export_dir.absolute(), final=final, budget_minutes=budget or None,
+                search_share=args.search_share)
 
 
 def check_destinations(plan: Plan) -> None:
@@ -331,7 +339,8 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
 
     started = started or time.time()
     experiment, budget = plan.experiment, plan.experiment.budget
-    time_budget = TimeBudget.for_command(plan.budget_minutes, started, plan.final.enabled) if plan.budget_minutes else None
+    time_budget = (TimeBudget.for_command(plan.budget_minutes, started, plan.final.enabled, plan.search_share)
+                   if plan.budget_minutes else None)
     layout = cluster_layout(args, log)
     if args.quiet:
         import ray.data

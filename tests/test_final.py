@@ -94,6 +94,10 @@ def test_the_search_gets_its_share_of_the_time_left_to_train():
     # Fixed costs come off the top, not off the final phase alone: a small budget's search is smaller.
     small, large = (TimeBudget.for_command(minutes, time.time(), final=True) for minutes in (6, 19))
     assert small.search_seconds() / 360 < large.search_seconds() / (19 * 60) < SEARCH_SHARE
+    # --search-share: the same split at another share, said in the plan.
+    fifth = TimeBudget(seconds=1000 + FINISH_SECONDS, started=time.time() - 100, share=0.2)
+    assert fifth.search_seconds() == pytest.approx(0.2 * (900 - START_SECONDS), abs=2)
+    assert "(20% of the time left to train)" in fifth.describe(fifth.search_seconds())
 
 
 def run(trial_id: str, seed: int, score: float) -> FinalRun:
@@ -151,6 +155,7 @@ def test_final_flags_and_default_budget():
     smoke = build_plan(parse(["--smoke-test"]))
     assert smoke.budget_minutes is None and smoke.final.epochs == 1
     assert build_plan(parse(["--time-budget", "0"])).budget_minutes is None
+    assert plan.search_share == SEARCH_SHARE and build_plan(parse(["--search-share", "0.2"])).search_share == 0.2
     assert plan.final.init == "checkpoint"
     custom = build_plan(parse(["--final-top-k", "3", "--final-seeds", "2", "--final-epochs", "7", "--no-final",
                                "--final-init", "scratch", "--final-lr-scale", "0.5"]))
@@ -158,6 +163,8 @@ def test_final_flags_and_default_budget():
     with pytest.raises(ConfigError, match="--final-init must be one of"):
         FinalSettings(init="warm")
     for flags, message in [(["--time-budget", "-1"], "--time-budget must be >= 0"),
+                           (["--search-share", "0"], "--search-share must be between 0 and 1, got 0"),
+                           (["--search-share", "1"], "--search-share must be between 0 and 1, got 1"),
                            (["--final-top-k", "0"], "--final-top-k must be >= 1"),
                            (["--final-seeds", "0"], "--final-seeds must be >= 1"),
                            (["--final-epochs", "0"], "--final-epochs must be >= 1"),
