@@ -2,8 +2,8 @@
 
 The box head (`box_head`): by default the box's centre is the expected position under a heatmap
 the second block predicts (a spatial soft-argmax, as in keypoint regression), moved by a
-correction from the dense head, which also predicts the size; `"flatten"` regresses all four numbers from the
-flattened trunk, as every model before it did.
+correction from the dense head, which also predicts the size; `"flatten"` regresses all four
+numbers from the flattened trunk, as every model before it did.
 """
 
 from __future__ import annotations

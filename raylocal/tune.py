@@ -106,7 +106,8 @@ SEARCH_FLAGS = (
     "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "trials_per_gpu",
     "backend", "device",
     "export_dir", "data_dir", "unverified_data", "seed", "smoke_test", "optuna_storage", "mlflow_uri",
-    "time_budget", "search_share", "final_epochs", "final_top_k", "final_seeds", "final_init", "final_lr_scale", "no_final",
+    "time_budget", "search_share", "final_epochs", "final_top_k", "final_seeds", "final_init", "final_lr_scale",
+    "no_final",
 )
 PATH_FLAGS = ("experiment", "export_dir", "data_dir")
 # What a search did before a flag existed, where the flag's default now does otherwise: a manifest

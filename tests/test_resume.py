@@ -13,23 +13,25 @@ import pytest
 
 pytestmark = pytest.mark.ray
 
-# No rung before the last epoch, so every trial trains all its epochs: with ASHA rungs, two trials in
-# lockstep could both pass every rung (the first at a rung is always kept), finish together, and the
-# third be stopped at its first report, leaving no moment with one trial done and another running.
-EXPERIMENT = """
+# No rung before the last epoch (the grace period is the whole budget), so every trial trains all
+# its epochs: with ASHA rungs, two trials in lockstep could both pass every rung (the first at a
+# rung is always kept), finish together, and the third be stopped at its first report, leaving no
+# moment with one trial done and another running.
+def experiment(trials: int = 3, max_epochs: int = 8) -> str:
+    return f"""
 [fixed]
 depth = 3
 width = 16
 head_width = 32
 batch_size = 32
 [space]
-lr = { type = "loguniform", low = 1e-3, high = 1e-2 }
+lr = {{ type = "loguniform", low = 1e-3, high = 1e-2 }}
 [budget]
-trials = 3
-max_epochs = 8
+trials = {trials}
+max_epochs = {max_epochs}
 first_epoch_reports = 2
 reports_per_epoch = 2
-grace_period = 8
+grace_period = {max_epochs}
 reduction_factor = 2
 [data]
 shard_size = 500
@@ -72,9 +74,7 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
 ])
 def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search,
                                                                  workers):
-    experiment = EXPERIMENT if workers == 1 else (
-        EXPERIMENT.replace("max_epochs = 8", "max_epochs = 3").replace("grace_period = 8", "grace_period = 3"))
-    (tmp_path / "space.toml").write_text(experiment)
+    (tmp_path / "space.toml").write_text(experiment(max_epochs=8 if workers == 1 else 3))
     experiment_dir = tmp_path / "results" / "resumable"
     first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--no-final",
                    "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--workers-per-trial", str(workers))
@@ -123,7 +123,7 @@ def test_resuming_with_a_different_search_space_is_a_clear_error(tmp_path, capsy
     folder = tmp_path / "results" / "old"
     folder.mkdir(parents=True)
     (folder / "raylocal_search.json").write_text(json.dumps({"flags": {"trials": 3}, "experiment": {"name": "x"}}))
-    (tmp_path / "space.toml").write_text(EXPERIMENT)
+    (tmp_path / "space.toml").write_text(experiment())
     assert cli(["--resume", str(folder), "--experiment", str(tmp_path / "space.toml")]) == 2
     assert "different search space" in capsys.readouterr().err
     assert cli(["--resume", str(folder), "--trials", "9"]) == 2
@@ -158,9 +158,7 @@ def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_search_killed_in_its_final_phase_resumes_the_final_run(ray_session, tmp_path, tiny_mnist_dir, start_search):
-    experiment = (EXPERIMENT.replace("trials = 3", "trials = 1").replace("max_epochs = 8", "max_epochs = 1")
-                  .replace("grace_period = 8", "grace_period = 1"))
-    (tmp_path / "space.toml").write_text(experiment)
+    (tmp_path / "space.toml").write_text(experiment(trials=1, max_epochs=1))
     experiment_dir = tmp_path / "results" / "resumable"
     run_dir = experiment_dir / "final" / "final-1-seed0"
     first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--final-epochs", "5",
