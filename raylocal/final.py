@@ -42,11 +42,13 @@ FINISH_SECONDS = 40
 SEARCH_SHARE = 0.45
 # Where a final run starts: the trial's best search checkpoint, or a fresh initialization.
 FINAL_INITS = ("checkpoint", "scratch")
-# A run continuing a checkpoint peaks at this share of the searched learning rate. The trial's
-# one-cycle has annealed it; climbing back to the full rate threw most of its 5 epochs away (val
-# det IoU 0.9393 -> 0.8668 after the first final epoch, back above 0.94 only after 12). Four
-# epochs from that checkpoint: full rate 0.9384, 1/3 0.9427, 1/10 0.9428, 1/30 0.9411
-# (experiments/RESULTS.md, "The final run's learning rate").
+# A run continuing a checkpoint peaks at least at this share of the searched learning rate. From a
+# trial whose one-cycle had annealed, climbing back to the full rate threw most of its 5 epochs
+# away (val det IoU 0.9393 -> 0.8668 after the first final epoch, back above 0.94 only after 12).
+# Four epochs from that checkpoint: full rate 0.9384, 1/3 0.9427, 1/10 0.9428, 1/30 0.9411
+# (experiments/RESULTS.md, "The final run's learning rate"). A checkpoint taken before its
+# schedule annealed (a time budget ended the trial) continues at the rate it had reached instead
+# (`continued_lr`).
 FINAL_LR_SCALE = 0.3
 
 
@@ -57,7 +59,7 @@ class FinalSettings:
     seeds: int = 1
     enabled: bool = True
     init: str = "checkpoint"  # --final-init: one of FINAL_INITS
-    lr_scale: float = FINAL_LR_SCALE  # --final-lr-scale: peak learning rate of a run from a checkpoint
+    lr_scale: float = FINAL_LR_SCALE  # --final-lr-scale: least peak learning rate of a run from a checkpoint
 
     def __post_init__(self) -> None:
         for key in ("epochs", "top_k", "seeds"):
@@ -141,6 +143,7 @@ class FinalRun:
     seconds: float
     placement: dict[str, str]  # nodes, process ids and devices of its workers
     init_epoch: float = 0.0  # epochs of the search checkpoint it started from (0: from scratch)
+    checkpoint_lr: float | None = None  # the learning rate that checkpoint's schedule had reached
 
     @property
     def validation(self) -> dict[str, float]:
@@ -174,6 +177,7 @@ class FinalOutcome:
             "compared_at_epoch": self.winner.candidate.compared_at,
             # The search checkpoint's epochs the run continued from (0: from scratch).
             "init": "checkpoint" if self.winner.init_epoch else "scratch", "init_epoch": self.winner.init_epoch,
+            "checkpoint_lr": self.winner.checkpoint_lr,
             "seconds": round(self.winner.seconds, 1),
             "worker_nodes": self.winner.placement.get("worker_nodes", ""),
             "curve": self.winner.curve,
@@ -315,7 +319,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     already finished (a resumed command). With a deadline, the workers re-plan the number of
     epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`. A candidate with a
     checkpoint (`candidates(checkpoints=True)`) is trained on from it, its learning rate peaking at
-    `lr_scale` times the searched one; one without from scratch, at the searched rate."""
+    `continued_lr`; one without from scratch, at the searched rate."""
     from ray import train
     from ray.train.torch import TorchTrainer
 
@@ -330,8 +334,9 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     per_worker = replace(params, batch_size=params.batch_size // layout.workers)
     # The best checkpoint is the best report's: the candidate's epoch.
     init_epoch = candidate.epoch if candidate.checkpoint is not None else 0.0
-    if init_epoch:
-        per_worker = replace(per_worker, lr=params.lr * lr_scale)
+    warm = load_checkpoint_state(candidate.checkpoint) if init_epoch else None
+    if warm:
+        per_worker = replace(per_worker, lr=continued_lr(params.lr, lr_scale, warm))
     settings = TrialSettings(max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
                              storage_path=storage, experiment_name=name, seed=seed, fixed={})
     run_dir = os.path.join(storage, "final", name)
@@ -344,17 +349,18 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     offset = math.ceil(init_epoch) + (seed - search_settings.seed) * cap
     log(f"final: {name}: trial {candidate.trial_id} (search score {candidate.score:.4f}), seed {seed}, "
         f"{epochs} epochs" + (f" from its search checkpoint at epoch {init_epoch:g}, peak learning rate "
-                              f"{per_worker.lr:.3g} ({lr_scale:g} x the searched)" if init_epoch else " from scratch")
+                              f"{per_worker.lr:.3g} ({per_worker.lr / params.lr:.2f} x the searched; its schedule "
+                              f"stood at {checkpoint_lr(warm):.3g} there, the least is {lr_scale:g} x)"
+                              if warm else " from scratch")
         + (f", resuming after epoch {saved.done}" if saved else ""))
     if saved and saved.done >= saved.planned:
         state, placement = saved.state, saved.placement
     else:
-        # Weights to start from, unless Ray Train resumes the run from a checkpoint of its own.
-        warm = load_checkpoint_state(candidate.checkpoint) if init_epoch and not saved else None
         trainer = TorchTrainer(
             final_worker,
+            # Weights to start from, unless Ray Train resumes the run from a checkpoint of its own.
             train_loop_config={"params": asdict(per_worker), "data": data, "settings": settings, "deadline": deadline,
-                               "cap": cap, "init": warm["model"] if warm else None},
+                               "cap": cap, "init": warm["model"] if warm and not saved else None},
             torch_config=torch_config(layout.dist_backend),
             scaling_config=train.ScalingConfig(num_workers=layout.workers, use_gpu=layout.uses_gpus,
                                                resources_per_worker=layout.worker_resources()),
@@ -379,7 +385,22 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
         f"validation det IoU {curve[-1][OBJECTIVE]:.4f}, mean IoU {curve[-1]['val_mean_iou']:.4f}, "
         f"accuracy {curve[-1]['val_accuracy']:.4f}")
     return FinalRun(candidate=candidate, seed=seed, params=params, state=state, curve=curve,
-                    seconds=time.perf_counter() - started, placement=placement, init_epoch=init_epoch)
+                    seconds=time.perf_counter() - started, placement=placement, init_epoch=init_epoch,
+                    checkpoint_lr=checkpoint_lr(warm) if warm else None)
+
+
+def checkpoint_lr(state: dict[str, Any]) -> float:
+    """The learning rate a trial's one-cycle schedule had reached at its checkpoint."""
+    return float(state["scheduler"]["_last_lr"][0])
+
+
+def continued_lr(searched: float, scale: float, state: dict[str, Any]) -> float:
+    """The peak learning rate of a final run continuing a search checkpoint: the rate the trial's
+    schedule had reached there, or `scale` x the searched rate where that is higher. A trial that
+    trained its whole budget had annealed its rate to about 0, and the least applies (climbing
+    back to the full rate undid the search's epochs); one that a time budget ended early in its
+    schedule was still training near the searched rate, and goes on near it."""
+    return max(scale * searched, checkpoint_lr(state))
 
 
 @dataclass(frozen=True)

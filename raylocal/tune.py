@@ -83,8 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="where final training starts: the winning trial's best search checkpoint (default), "
                         "or a fresh initialization")
     parser.add_argument("--final-lr-scale", type=float, default=FINAL_LR_SCALE, metavar="F",
-                        help="a final run from a search checkpoint peaks at F x the searched learning rate "
-                        f"(default {FINAL_LR_SCALE:g}: the checkpoint's schedule has annealed)")
+                        help="a final run from a search checkpoint peaks at the learning rate the trial's schedule "
+                        "had reached there, and at least at F x the searched one "
+                        f"(default {FINAL_LR_SCALE:g}: for a trial whose schedule annealed)")
     parser.add_argument("--no-final", action="store_true",
                         help="no final training: export the search's best checkpoint")
     parser.add_argument("--seed", type=int, default=0)

@@ -15,6 +15,7 @@ from raylocal.engine import fit
 from raylocal.final import (
     DDP_EFFICIENCY,
     DEFAULT_FINAL_EPOCHS,
+    FINAL_LR_SCALE,
     FINISH_SECONDS,
     MAX_FINAL_EPOCHS,
     SEARCH_SHARE,
@@ -24,6 +25,8 @@ from raylocal.final import (
     FinalSettings,
     TimeBudget,
     candidates,
+    checkpoint_lr,
+    continued_lr,
     fit_to_deadline,
     pick_winner,
     plan_epochs,
@@ -210,6 +213,26 @@ def test_fit_starts_from_the_given_weights():
     # Batch norm's running statistics move with the data; every learned weight stays where it started.
     for key in [key for key, value in start.items() if value.is_floating_point() and "running" not in key]:
         torch.testing.assert_close(states[-1]["model"][key], start[key], atol=1e-6, rtol=0)
+
+
+def test_a_run_from_a_checkpoint_goes_on_at_the_rate_its_schedule_had_reached():
+    images, labels = tiny_digits(np.random.default_rng(0), 300)
+    plan = split_plan(len(images), 0)
+    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
+                                                 shard_size=300)
+    params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32, lr=3e-3)
+    states = []
+    torch.set_num_threads(1)
+    fit(params, max_epochs=4, first_epoch_reports=2, reports_per_epoch=1, train_data=lambda epoch: split("train", epoch),
+        val_data=split("val", 0), train_rows=len(split("train", 0)["label"]),
+        report=lambda metrics, state: states.append(state), device=torch.device("cpu"))
+    reached = [checkpoint_lr(state) for state in states]
+    # One-cycle: near the peak just after the warm-up, about 0 where the schedule ends.
+    assert params.lr * 0.9 < reached[0] <= params.lr and reached[-1] < params.lr * 0.01
+    # Early in its schedule (a time budget ended the trial) the run goes on at the rate reached; annealed, at the least.
+    assert continued_lr(params.lr, FINAL_LR_SCALE, states[0]) == reached[0]
+    assert continued_lr(params.lr, FINAL_LR_SCALE, states[-1]) == pytest.approx(FINAL_LR_SCALE * params.lr)
+    assert continued_lr(params.lr, 1.0, states[0]) == params.lr
 
 
 @pytest.mark.ray
