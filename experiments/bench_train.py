@@ -28,6 +28,7 @@ On a GPU (`--device cuda`, the default where CUDA is present), also:
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -110,9 +111,9 @@ def engine_fit(params, data, val, threads: int, seed: int, device: torch.device)
     return reports[-1]
 
 
-def ray_train_fit(params, data, val, threads: int, seed: int, device: torch.device) -> tuple[dict, float]:
+def ray_train_fit(params, data, val, threads: int, seed: int, device: torch.device, storage: str) -> tuple[dict, float]:
     """The search's own Ray Train path (`raylocal.train.train_worker`) with one worker of `threads` CPUs
-    (and one GPU on CUDA)."""
+    (and one GPU on CUDA), its run and checkpoints written under `storage`."""
     import ray
     from ray import train
     from ray.train.torch import TorchTrainer
@@ -132,7 +133,7 @@ def ray_train_fit(params, data, val, threads: int, seed: int, device: torch.devi
     layout = choose_layout(threads, gpus, cpus_per_worker=threads, backend="ray-train", device=device.type)
     settings = TrialSettings(
         max_epochs=1, first_epoch_reports=2, reports_per_epoch=2, layout=layout,
-        storage_path="/tmp/raylocal-bench", experiment_name="bench_train", seed=seed, fixed={},
+        storage_path=storage, experiment_name="bench_train", seed=seed, fixed={},
     )
     trainer = TorchTrainer(
         train_worker,
@@ -239,8 +240,9 @@ def main(args) -> None:
     engine_wall = time.perf_counter() - started
     print(f"raylocal loop, no Ray            {engine['train_images_per_s']:8.0f} canvases/s "
           f"(wall {engine_wall:.1f}s incl. validation)")
-    with benchlib.local_ray(args.threads, gpus=1 if device.type == "cuda" else 0):
-        ray_metrics, ray_wall = ray_train_fit(params, data, val, args.threads, args.seed, device)
+    with benchlib.local_ray(args.threads, gpus=1 if device.type == "cuda" else 0), \
+            tempfile.TemporaryDirectory(prefix="raylocal-bench-") as storage:
+        ray_metrics, ray_wall = ray_train_fit(params, data, val, args.threads, args.seed, device, storage)
     print(f"raylocal loop in Ray Train       {ray_metrics['train_images_per_s']:8.0f} canvases/s "
           f"(wall {ray_wall:.1f}s incl. worker start-up and validation)")
     print(benchlib.ratio_line("ratio Ray Train loop / faster plain loop", ray_metrics["train_images_per_s"] / plain, TARGET))
