@@ -112,9 +112,10 @@ SEARCH_FLAGS = (
 )
 PATH_FLAGS = ("experiment", "export_dir", "data_dir")
 # What a search did before a flag existed, where the flag's default now does otherwise: a manifest
-# written then, resumed, keeps it (final runs started from scratch before --final-init, and
-# from a checkpoint at the full learning rate before --final-lr-scale).
-BEFORE_THE_FLAG = {"final_init": "scratch", "final_lr_scale": 1.0}
+# written then, resumed, keeps it (final runs started from scratch before --final-init, from a
+# checkpoint at the full learning rate before --final-lr-scale, and the search took 45% before
+# --search-share).
+BEFORE_THE_FLAG = {"final_init": "scratch", "final_lr_scale": 1.0, "search_share": 0.45}
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,8 @@ def test_a_search_from_before_final_init_resumes_its_final_runs_as_they_started(
         (folder / "raylocal_search.json").write_text(json.dumps({"flags": flags, "experiment": Experiment().describe()}))
         args, _ = resumed(get_args_parser().parse_args(["--resume", str(folder)]))
         assert (args.final_init, args.final_lr_scale) == expected
+        # The search took 45% of the time left to train before --search-share.
+        assert args.search_share == 0.45
 
 
 def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
