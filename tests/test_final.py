@@ -177,11 +177,16 @@ def test_final_flags_and_default_budget():
             build_plan(parse(flags))
 
 
-def test_fit_ends_after_the_report_where_stop_says_so():
+def tiny_split():
+    """`split(name, epoch)`: one shard of 300 tiny generated digits, placed for that split and epoch."""
     images, labels = tiny_digits(np.random.default_rng(0), 300)
     plan = split_plan(len(images), 0)
-    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
-                                                 shard_size=300)
+    return lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
+                                                shard_size=300)
+
+
+def test_fit_ends_after_the_report_where_stop_says_so():
+    split = tiny_split()
     reports, asked = [], []
 
     def stop() -> bool:
@@ -197,10 +202,7 @@ def test_fit_ends_after_the_report_where_stop_says_so():
 
 
 def test_fit_starts_from_the_given_weights():
-    images, labels = tiny_digits(np.random.default_rng(0), 300)
-    plan = split_plan(len(images), 0)
-    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
-                                                 shard_size=300)
+    split = tiny_split()
     # A learning rate too small to move any weight: what the run ends with is what it started from.
     params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32, lr=1e-12, weight_decay=0.0)
     # Not any initialization fit would draw itself: every weight moved off the seeded one.
@@ -217,10 +219,7 @@ def test_fit_starts_from_the_given_weights():
 
 
 def test_a_run_from_a_checkpoint_goes_on_at_the_rate_its_schedule_had_reached():
-    images, labels = tiny_digits(np.random.default_rng(0), 300)
-    plan = split_plan(len(images), 0)
-    split = lambda name, epoch: synthesize_shard(images, labels, plan, seed=0, split=name, epoch=epoch, shard=0,
-                                                 shard_size=300)
+    split = tiny_split()
     params = Hyperparameters(depth=2, width=4, head_width=16, batch_size=32, lr=3e-3)
     states = []
     torch.set_num_threads(1)
