@@ -9,6 +9,10 @@ synthesizing every epoch up front, as the search does, would have held.
 
     python experiments/bench_stream.py                                   # ~6 min on 2 cores
     python experiments/bench_stream.py --epochs 3 --train-digits 1200    # quick
+
+Also printed: the training speed, and the CPU seconds of Ray Data's split coordinator (the actor
+that runs the stream's scheduling loop), for raylocal's settings or Ray's own (`--coordinator`,
+`--loop`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ def get_args_parser():
                         help="threads of each final-phase worker (2 on 2 cores: one worker, no DDP)")
     parser.add_argument("--coordinator", choices=("lowest", "normal"), default="lowest",
                         help="priority of Ray Data's split coordinator: raylocal's (lowest) or as Ray starts it")
+    parser.add_argument("--loop", choices=("paced", "spinning"), default="paced",
+                        help="the stream's scheduling loop: raylocal's (waits after a step that moved nothing) or as "
+                             "Ray Data runs it")
     return parser
 
 
@@ -46,14 +53,27 @@ def store_bytes() -> int:
     return get_memory_info_reply(get_state_from_address(None)).store_stats.object_store_bytes_used
 
 
+def coordinator_cpu_seconds() -> dict[int, float]:
+    """CPU seconds of every Ray Data split coordinator process on this machine, by process id."""
+    import psutil
+
+    seconds = {}
+    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        if (process.info["cmdline"] or [""])[0].startswith("ray::SplitCoordinator") and process.info["cpu_times"]:
+            seconds[process.info["pid"]] = process.info["cpu_times"].user + process.info["cpu_times"].system
+    return seconds
+
+
 class Sampler(threading.Thread):
     def __init__(self, every: float) -> None:
         super().__init__(daemon=True)
         self.every, self.samples, self.done = every, [], threading.Event()
+        self.coordinator: dict[int, float] = {}  # the last CPU seconds seen of each coordinator
 
     def run(self) -> None:
         while not self.done.is_set():
             self.samples.append((time.perf_counter(), store_bytes()))
+            self.coordinator |= coordinator_cpu_seconds()
             self.done.wait(self.every)
 
 
@@ -62,7 +82,7 @@ def main(args) -> None:
         # After the start: importing Ray before it (print_setup names its version) would lose its
         # loopback switch.
         benchlib.print_setup("final-phase stream memory", epochs=args.epochs, train_digits=args.train_digits,
-                             depth=args.depth, width=args.width, coordinator=args.coordinator,
+                             depth=args.depth, width=args.width, coordinator=args.coordinator, loop=args.loop,
                              cpus_per_worker=args.cpus_per_worker)
         mnist = benchlib.load_digits(args)
         from raylocal.data import STREAM_STORE_BYTES, build_search_data
@@ -82,7 +102,7 @@ def main(args) -> None:
         sampler.start()
         run = train_final(Candidate("fixed", {}, 0.0, 0.0, 0.0), args.seed, args.epochs, data, settings, layout, None,
                           storage, name="stream", log=lambda line: print(f"# {line}"),
-                          yield_cpu=args.coordinator == "lowest")
+                          yield_cpu=args.coordinator == "lowest", paced=args.loop == "paced")
         sampler.done.set()
         sampler.join()
         wall = time.perf_counter() - started
@@ -104,8 +124,11 @@ def main(args) -> None:
     # Training speed of all workers together, epochs after the first (which holds the start-up).
     speeds = sorted(row["train_images_per_s"] for row in run.curve[1:]) or [run.curve[0]["train_images_per_s"]]
     seconds = sorted(row["report_seconds"] for row in run.curve[1:]) or [run.curve[0]["report_seconds"]]
+    busy = sum(sampler.coordinator.values())
+    print(f"split coordinator: {busy:.1f} CPU seconds over the run ({busy / wall:.1%} of a core; {args.coordinator} "
+          f"priority, {args.loop} loop)")
     print(f"training speed ({layout.workers} worker(s) x {layout.cpus_per_worker} thread(s), {args.coordinator} "
-          f"coordinator): median {speeds[len(speeds) // 2]:,.0f} canvases/s "
+          f"coordinator, {args.loop} loop): median {speeds[len(speeds) // 2]:,.0f} canvases/s "
           f"over {max(1, len(run.curve) - 1)} epoch(s) (range {speeds[0]:,.0f}-{speeds[-1]:,.0f}); median epoch "
           f"{seconds[len(seconds) // 2]:.1f} s")
 

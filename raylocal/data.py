@@ -134,16 +134,59 @@ STREAM_TASKS = 2
 STREAM_STORE_BYTES = 256 * 1024**2
 
 
-def train_stream(data: SearchData, epochs: range) -> ray.data.Dataset:
+def train_stream(data: SearchData, epochs: range, paced: bool = True) -> ray.data.Dataset:
     """Freshly placed training canvases of `epochs`, epoch after epoch, as a lazy dataset for
-    Ray Train (`TorchTrainer(datasets=...)`): nothing is synthesized until workers read it."""
+    Ray Train (`TorchTrainer(datasets=...)`): nothing is synthesized until workers read it.
+    `paced`: its scheduling loop waits instead of spinning (`paced_scheduling_callback`);
+    False leaves the loop as Ray Data runs it (bench_stream.py measures both)."""
     shards = num_shards(data.plan, "train", data.settings.shard_size)
     items = [{"task": epoch, "split": "train", "epoch": epoch, "shard": shard}
              for epoch in epochs for shard in range(shards)]
-    return synthesis_dataset(
-        items, list(data.mnist_ref), data.plan, data.seed, data.settings,
-        num_cpus=0, compute=ray.data.TaskPoolStrategy(size=STREAM_TASKS),
-    )  # no select_columns: it would run as tasks of its own that wait for a CPU (StreamReader drops the rest)
+    # A dataset keeps a copy of the current context from its creation; the executor that runs it
+    # (in Ray Train's split coordinator) takes its callbacks from that copy.
+    context = ray.data.DataContext.get_current()
+    saved = context.custom_execution_callback_classes
+    context.custom_execution_callback_classes = [*saved, *([paced_scheduling_callback()] if paced else [])]
+    try:
+        return synthesis_dataset(
+            items, list(data.mnist_ref), data.plan, data.seed, data.settings,
+            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=STREAM_TASKS),
+        )  # no select_columns: it would run as tasks of its own that wait for a CPU (StreamReader drops the rest)
+    finally:
+        context.custom_execution_callback_classes = saved
+
+
+def paced_scheduling_callback() -> type:
+    """A Ray Data execution callback that keeps the scheduling loop from spinning. Held back by the
+    stream's object-store budget, which is most of a final run (synthesis outpaces training many
+    times over), Ray Data 2.60's loop steps again at once, about 600 times a second: a synthesis
+    task whose output waits for room counts as running, and `ray.wait` on it returns at once. Even
+    at the lowest CPU priority that took 16-19% of a core, and each of 2 training workers ran at
+    74-83% of its core against 85-89% once the stream had ended (experiments/RESULTS.md, "The
+    stream's scheduling loop paced"). After a step that moved nothing (no input taken, no output
+    made or handed on, no task finished) the callback waits as long as the loop waits for a task,
+    unless a consumer is waiting for canvases: reads are served as soon as before, and room a read
+    frees is used within that wait. It reads the executor's operators through private attributes
+    (raylocal pins Ray's version) and does nothing where they are missing."""
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+    from ray.data._internal.execution.streaming_executor_state import WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
+
+    class PacedScheduling(ExecutionCallback):
+        def __init__(self) -> None:
+            self.seen = None
+
+        def on_execution_step(self, executor) -> None:
+            topology = getattr(executor, "_topology", None)
+            idling = getattr(executor, "_consumer_idling", None)
+            if not topology or idling is None:
+                return
+            seen = tuple((m.num_inputs_received, m.num_task_outputs_generated, m.num_outputs_taken, m.num_tasks_finished)
+                         for m in (op.metrics for op in topology))
+            stalled, self.seen = seen == self.seen, seen
+            if stalled and not idling():
+                time.sleep(WAIT_FOR_TASK_COMPLETION_TIMEOUT_S)
+
+    return PacedScheduling
 
 
 def stream_options():

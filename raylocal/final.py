@@ -316,10 +316,11 @@ def pick_winner(runs: list[FinalRun]) -> FinalRun:
 
 def train_final(candidate: Candidate, seed: int, epochs: int, data, search_settings, layout: Layout,
                 deadline: float | None, storage: str, *, name: str, cap: int | None = None, log=print,
-                yield_cpu: bool = True, lr_scale: float = FINAL_LR_SCALE) -> FinalRun:
+                yield_cpu: bool = True, paced: bool = True, lr_scale: float = FINAL_LR_SCALE) -> FinalRun:
     """One final run: a TorchTrainer over `layout`'s workers, or the saved result of a run that
     already finished (a resumed command). With a deadline, the workers re-plan the number of
-    epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`. A candidate with a
+    epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`; `paced`: see
+    `data.train_stream`. A candidate with a
     checkpoint (`candidates(checkpoints=True)`) is trained on from it, its learning rate peaking at
     `continued_lr`; one without from scratch, at the searched rate."""
     from ray import train
@@ -374,7 +375,8 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
             ),
             # A function: Ray Train calls it each time it starts the workers, so workers restarted
             # after a failure stream the epochs after their checkpoint, not the first ones again.
-            datasets={"train": lambda: train_stream(data, range(offset + finished_epochs(run_dir), offset + cap))},
+            datasets={"train": lambda: train_stream(data, range(offset + finished_epochs(run_dir), offset + cap),
+                                                    paced=paced)},
             dataset_config=stream_config(yield_cpu),
         )
         result = trainer.fit()

@@ -46,7 +46,9 @@ CASES = {
                         rf"narrow: val_det_iou {NUMBER} ± {NUMBER}"]),
     "bench_stream.py": (["--epochs", "3", "--train-digits", "1200", "--depth", "2", "--width", "4", "--every", "0.2"],
                         [rf"object store before the run: +{NUMBER} MiB", rf"peak in quarter 4 of the run: +{NUMBER} MiB",
-                         rf"all 3 epochs synthesized up front would hold {NUMBER} MiB", r"trained 3 epochs"]),
+                         rf"all 3 epochs synthesized up front would hold {NUMBER} MiB", r"trained 3 epochs",
+                         rf"split coordinator: {NUMBER} CPU seconds over the run \({NUMBER}% of a core; lowest "
+                         r"priority, paced loop\)"]),
     "bench_search.py": (["--trials", "2", "--max-epochs", "1", "--first-epoch-reports", "2", "--train-digits", "1200",
                          "--test-digits", "200"],
                         [rf"plain Optuna, 1 process, \d+ threads: +{NUMBER}s", rf"trials ran {NUMBER} at once",

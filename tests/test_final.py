@@ -253,6 +253,52 @@ def test_the_stream_reader_hands_out_exact_pieces_across_blocks(ray_session):
         reader.take(30)
 
 
+@pytest.mark.ray
+def test_the_streams_scheduling_loop_waits_while_its_budget_holds_it_back(ray_session, tiny_mnist_dir):
+    """Read slowly, the stream is held back by its object-store budget; Ray Data's loop then spins
+    (hundreds of steps a second), raylocal's paced one waits. Both hand out the same canvases."""
+    import ray
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    from raylocal.config import DataSettings
+    from raylocal.data import build_search_data, train_stream
+    from raylocal.mnist import load_mnist
+
+    mnist = load_mnist(tiny_mnist_dir, verify=False, log=lambda line: None)
+    data = build_search_data(mnist, DataSettings(train_digits=1200, test_digits=100, shard_size=100), epochs=0,
+                             seed=0, log=lambda line: None)
+
+    def read_slowly(paced: bool) -> tuple[int, np.ndarray]:
+        steps = []
+
+        class CountSteps(ExecutionCallback):
+            def on_execution_step(self, executor) -> None:
+                steps.append(1)
+
+        context = ray.data.DataContext.get_current()
+        saved = context.custom_execution_callback_classes
+        context.custom_execution_callback_classes = [*saved, CountSteps]
+        try:
+            stream = train_stream(data, range(2), paced=paced)
+        finally:
+            context.custom_execution_callback_classes = saved
+        # Room for about two shards of 100 canvases: the stream waits for the reader most of the time.
+        stream.context.execution_options = ExecutionOptions(
+            resource_limits=ExecutionResources(object_store_memory=2 * 100 * 75 * 75))
+        labels = []
+        for block in stream.iter_batches(batch_size=None, batch_format="numpy"):
+            labels.append(block["label"])
+            time.sleep(0.1)
+        return len(steps), np.sort(np.concatenate(labels))
+
+    spinning_steps, spinning_labels = read_slowly(paced=False)
+    paced_steps, paced_labels = read_slowly(paced=True)
+    assert len(paced_labels) == 2 * len(data.plan.train)
+    np.testing.assert_array_equal(paced_labels, spinning_labels)
+    assert paced_steps * 4 < spinning_steps, (paced_steps, spinning_steps)
+
+
 def fit_tiny(max_epochs: int, first_epoch_reports: int, replan, report) -> int:
     """`engine.fit` of a tiny model on 300 tiny digits with a re-plan; returns its steps per epoch."""
     images, labels = tiny_digits(np.random.default_rng(1), 300)
