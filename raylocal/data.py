@@ -160,14 +160,16 @@ def paced_scheduling_callback() -> type:
     """A Ray Data execution callback that keeps the scheduling loop from spinning. Held back by the
     stream's object-store budget, which is most of a final run (synthesis outpaces training many
     times over), Ray Data 2.60's loop steps again at once, about 600 times a second: a synthesis
-    task whose output waits for room counts as running, and `ray.wait` on it returns at once. Even
-    at the lowest CPU priority that took 16-19% of a core, and each of 2 training workers ran at
-    74-83% of its core against 85-89% once the stream had ended (experiments/RESULTS.md, "The
-    stream's scheduling loop paced"). After a step that moved nothing (no input taken, no output
-    made or handed on, no task finished) the callback waits as long as the loop waits for a task,
-    unless a consumer is waiting for canvases: reads are served as soon as before, and room a read
-    frees is used within that wait. It reads the executor's operators through private attributes
-    (raylocal pins Ray's version) and does nothing where they are missing."""
+    task whose output waits for room counts as running, and `ray.wait` on it returns at once.
+    After a step that moved nothing (no input taken, no output made or handed on, no task
+    finished) the callback waits as long as the loop waits for a task, unless a consumer is
+    waiting for canvases: reads are served as soon as before, and room a read frees is used within
+    that wait. Three epochs of the default model on 2 cores: the coordinator used 4.4-4.9 CPU
+    seconds instead of 24.0-26.8 (13-14% of a core); training speed and epoch time did not change
+    beyond the runs' spread, since the spin ran at the lowest priority in time the lock-stepped
+    DDP workers left idle (experiments/RESULTS.md, "The stream's scheduling loop paced"). It
+    reads the executor's operators through private attributes (raylocal pins Ray's version) and
+    does nothing where they are missing."""
     from ray.data._internal.execution.execution_callback import ExecutionCallback
     from ray.data._internal.execution.streaming_executor_state import WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
 
@@ -200,11 +202,11 @@ def stream_options():
 def stream_config(yield_cpu: bool = True):
     """Ray Train's dataset settings for the stream: `stream_options`, and a split coordinator that
     yields the CPU to training. Ray Data 2.60's scheduling loop spins whenever the stream is held
-    back by its budget with no task running, which is most of a final run (synthesis outpaces
-    training many times over); on 2 cores that spin took 0.5-0.7 of a core from the workers
-    (experiments/RESULTS.md, final phase). Run at the lowest priority, it still serves every
-    request, since the workers wait for it then, but never takes a core from them. `yield_cpu=False`
-    leaves it as Ray starts it (bench_stream.py measures both)."""
+    back by its budget, which is most of a final run; at normal priority, on 2 cores, that spin
+    took 0.5-0.7 of a core from the workers (experiments/RESULTS.md, final phase; the paced loop of
+    `train_stream` now waits instead). Run at the lowest priority, the coordinator still serves
+    every request, since the workers wait for it then, but never takes a core from them.
+    `yield_cpu=False` leaves it as Ray starts it (bench_stream.py measures both)."""
     from ray.train import DataConfig
 
     if not yield_cpu:
