@@ -182,8 +182,8 @@ def paced_scheduling_callback() -> type:
             idling = getattr(executor, "_consumer_idling", None)
             if not topology or idling is None:
                 return
-            seen = tuple((m.num_inputs_received, m.num_task_outputs_generated, m.num_outputs_taken, m.num_tasks_finished)
-                         for m in (op.metrics for op in topology))
+            seen = tuple((m.num_inputs_received, m.num_task_outputs_generated, m.num_outputs_taken,
+                          m.num_tasks_finished) for m in (op.metrics for op in topology))
             stalled, self.seen = seen == self.seen, seen
             if stalled and not idling():
                 time.sleep(WAIT_FOR_TASK_COMPLETION_TIMEOUT_S)
