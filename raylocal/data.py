@@ -11,7 +11,9 @@ read, so the object store holds a bounded window of shards whatever the number o
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,16 +144,23 @@ def train_stream(data: SearchData, epochs: range, paced: bool = True) -> ray.dat
     shards = num_shards(data.plan, "train", data.settings.shard_size)
     items = [{"task": epoch, "split": "train", "epoch": epoch, "shard": shard}
              for epoch in epochs for shard in range(shards)]
-    # A dataset keeps a copy of the current context from its creation; the executor that runs it
-    # (in Ray Train's split coordinator) takes its callbacks from that copy.
-    context = ray.data.DataContext.get_current()
-    saved = context.custom_execution_callback_classes
-    context.custom_execution_callback_classes = [*saved, *([paced_scheduling_callback()] if paced else [])]
-    try:
+    with execution_callbacks(*([paced_scheduling_callback()] if paced else [])):
         return synthesis_dataset(
             items, list(data.mnist_ref), data.plan, data.seed, data.settings,
             num_cpus=0, compute=ray.data.TaskPoolStrategy(size=STREAM_TASKS),
         )  # no select_columns: it would run as tasks of its own that wait for a CPU (StreamReader drops the rest)
+
+
+@contextlib.contextmanager
+def execution_callbacks(*classes: type) -> Iterator[None]:
+    """Ray Data execution callbacks for the datasets created inside: a dataset keeps a copy of the
+    current context from its creation, and the executor that runs it (in Ray Train's split
+    coordinator too) takes its callbacks from that copy. The current context is put back after."""
+    context = ray.data.DataContext.get_current()
+    saved = context.custom_execution_callback_classes
+    context.custom_execution_callback_classes = [*saved, *classes]
+    try:
+        yield
     finally:
         context.custom_execution_callback_classes = saved
 

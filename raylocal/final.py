@@ -320,9 +320,9 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     """One final run: a TorchTrainer over `layout`'s workers, or the saved result of a run that
     already finished (a resumed command). With a deadline, the workers re-plan the number of
     epochs after every one, up to `cap`. `yield_cpu`: see `data.stream_config`; `paced`: see
-    `data.train_stream`. A candidate with a
-    checkpoint (`candidates(checkpoints=True)`) is trained on from it, its learning rate peaking at
-    `continued_lr`; one without from scratch, at the searched rate."""
+    `data.train_stream`. A candidate with a checkpoint (`candidates(checkpoints=True)`) is trained
+    on from it, its learning rate peaking at `continued_lr`; one without from scratch, at the
+    searched rate."""
     from ray import train
     from ray.train.torch import TorchTrainer
 

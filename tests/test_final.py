@@ -257,12 +257,11 @@ def test_the_stream_reader_hands_out_exact_pieces_across_blocks(ray_session):
 def test_the_streams_scheduling_loop_waits_while_its_budget_holds_it_back(ray_session, tiny_mnist_dir):
     """Read slowly, the stream is held back by its object-store budget; Ray Data's loop then spins
     (hundreds of steps a second), raylocal's paced one waits. Both hand out the same canvases."""
-    import ray
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.data._internal.execution.execution_callback import ExecutionCallback
 
     from raylocal.config import DataSettings
-    from raylocal.data import build_search_data, train_stream
+    from raylocal.data import build_search_data, execution_callbacks, train_stream
     from raylocal.mnist import load_mnist
 
     mnist = load_mnist(tiny_mnist_dir, verify=False, log=lambda line: None)
@@ -276,13 +275,8 @@ def test_the_streams_scheduling_loop_waits_while_its_budget_holds_it_back(ray_se
             def on_execution_step(self, executor) -> None:
                 steps.append(1)
 
-        context = ray.data.DataContext.get_current()
-        saved = context.custom_execution_callback_classes
-        context.custom_execution_callback_classes = [*saved, CountSteps]
-        try:
+        with execution_callbacks(CountSteps):
             stream = train_stream(data, range(2), paced=paced)
-        finally:
-            context.custom_execution_callback_classes = saved
         # Room for about two shards of 100 canvases: the stream waits for the reader most of the time.
         stream.context.execution_options = ExecutionOptions(
             resource_limits=ExecutionResources(object_store_memory=2 * 100 * 75 * 75))
