@@ -301,10 +301,10 @@ def test_types_come_from_the_annotations_also_for_optional_fields():
 
 
 def test_the_start_point_is_the_unsearched_default_moved_into_each_range():
-    assert Experiment().start_point() == {"depth": 4, "width": 16, "lr": 3e-3, "box_loss_weight": 0.1}
+    assert Experiment().start_point() == {"depth": 4, "width": 16, "lr": 8e-3, "box_loss_weight": 0.25}
     experiment = parse_experiment({
         "fixed": {"depth": 2},
-        "space": {"lr": {"type": "loguniform", "low": 1e-2, "high": 1e-1},  # default 3e-3 lies below
+        "space": {"lr": {"type": "loguniform", "low": 1e-2, "high": 1e-1},  # default 8e-3 lies below
                   "width": {"type": "choice", "values": [4, 8]},  # default 16 is not a choice
                   "dropout": {"type": "uniform", "low": 0.0, "high": 0.05},  # default 0.1 lies above
                   "batch_size": {"type": "int", "low": 32, "high": 256}},
