@@ -16,7 +16,8 @@ leaves out its first 20 steps on a GPU (cuDNN autotuning, lazy CUDA set-up).
 
 On a GPU (`--device cuda`, the default where CUDA is present), also:
 
-  compile     torch.compile's seconds to compile against the steps it saves (plain loop)
+  compile     torch.compile's seconds to compile against the steps it saves (plain loop; on
+              CPUs with --compile)
   eval batch  seconds to score the validation split at several evaluation batch sizes
   concurrent  K processes training at once on the one GPU (`--concurrent 1,4,8`), as K trials
               sharing a GPU do: the sum of their canvases/s, and one trial alone beside it
@@ -58,6 +59,7 @@ def get_args_parser():
                         help="GPU only: numbers of processes training at once on the GPU ('' to skip)")
     parser.add_argument("--eval-batches", default="512,2048,8192", help="GPU only: evaluation batch sizes to time")
     parser.add_argument("--no-compile", action="store_true", help="GPU only: skip the torch.compile measurement")
+    parser.add_argument("--compile", action="store_true", help="on CPUs: time torch.compile too (on a GPU it always is)")
     return parser
 
 
@@ -67,7 +69,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def plain_loop(params: Hyperparameters, data: dict[str, np.ndarray], threads: int, seed: int, channels_last: bool,
-               device: torch.device, compile_model: bool = False) -> tuple[float, float]:
+               device: torch.device, compile_model: bool = False, warm: int | None = None) -> tuple[float, float]:
     """(canvases/s after the first `warm` steps, seconds those first steps took)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -81,7 +83,7 @@ def plain_loop(params: Hyperparameters, data: dict[str, np.ndarray], threads: in
     images, boxes, labels = (torch.from_numpy(data[key]).to(device) for key in ("image", "box", "label"))
     model.train()
     # CPU steps cost the same from the first; GPU ones pay cuDNN's autotuning (and compilation) first.
-    warm = 20 if device.type == "cuda" else 0
+    warm = (20 if device.type == "cuda" else 0) if warm is None else warm
     started = time.perf_counter()
     count = 0
     for step, start in enumerate(range(0, len(labels) - params.batch_size + 1, params.batch_size)):
@@ -200,14 +202,19 @@ def concurrent_rates(args, processes: int, rows: int = 16_384, passes: int = 4) 
     return total / window, sum(count / (end - start) for count, start, end in timings) / processes
 
 
+def compile_gain(args, params, data, device: torch.device) -> None:
+    """torch.compile's first 20 steps (compilation included) and its speed after them, against eager."""
+    eager, eager_warm = plain_loop(params, data, args.threads, args.seed, True, device, warm=20)
+    compiled, compile_warm = plain_loop(params, data, args.threads, args.seed, True, device, compile_model=True, warm=20)
+    saved_per_canvas = 1 / eager - 1 / compiled
+    pays_after = (compile_warm - eager_warm) / saved_per_canvas if saved_per_canvas > 0 else float("inf")
+    print(f"torch.compile: first 20 steps {compile_warm:.1f}s (eager {eager_warm:.1f}s), then {compiled:.0f} "
+          f"canvases/s (eager {eager:.0f}); pays for itself after {pays_after:,.0f} canvases per trial")
+
+
 def gpu_extras(args, params, data, val, device: torch.device) -> None:
     if not args.no_compile:
-        eager, eager_warm = plain_loop(params, data, args.threads, args.seed, True, device)
-        compiled, compile_warm = plain_loop(params, data, args.threads, args.seed, True, device, compile_model=True)
-        saved_per_canvas = 1 / eager - 1 / compiled
-        pays_after = (compile_warm - eager_warm) / saved_per_canvas if saved_per_canvas > 0 else float("inf")
-        print(f"torch.compile: first 20 steps {compile_warm:.1f}s (eager {eager_warm:.1f}s), then {compiled:.0f} "
-              f"canvases/s (eager {eager:.0f}); pays for itself after {pays_after:,.0f} canvases per trial")
+        compile_gain(args, params, data, device)
     for batch in (int(size) for size in args.eval_batches.split(",") if size):
         print(f"evaluation batch {batch:5d}: {eval_seconds(params, val, device, batch) * 1000:7.1f} ms "
               f"for {len(val['label']):,} validation canvases")
@@ -251,6 +258,8 @@ def main(args) -> None:
           f"{(args.rows / plain) / ray_wall:.3f}")
     if device.type == "cuda":
         gpu_extras(args, params, data, val, device)
+    elif args.compile:
+        compile_gain(args, params, data, device)
 
 
 if __name__ == "__main__":

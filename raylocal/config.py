@@ -19,7 +19,7 @@ BOX_LOSSES = ("smooth_l1", "giou")
 BOX_HEADS = ("softargmax", "flatten")
 # Fields added after searches, checkpoints and model cards were first written, with the value
 # those ran with: a saved configuration without the field is read with it (`from_saved`).
-BEFORE_THE_FIELD = {"box_head": "flatten", "keep_start_point": False}
+BEFORE_THE_FIELD = {"box_head": "flatten", "keep_start_point": False, "augment": False}
 
 
 class ConfigError(ValueError):
@@ -222,6 +222,8 @@ class Budget:
 @dataclass(frozen=True)
 class DataSettings:
     tight_boxes: bool = False
+    # Training digits turned and scaled a little before they are pasted (`synthesis.distort`).
+    augment: bool = False
     # Digits used from MNIST (None = all); the smoke test and quick runs take a prefix.
     train_digits: int | None = None
     test_digits: int | None = None
@@ -265,7 +267,7 @@ class Experiment:
             fixed=Hyperparameters.from_saved(described["fixed"]),
             space=tuple(Dimension(**d | {"values": tuple(d["values"])}) for d in described["space"]),
             budget=from_saved(Budget, described["budget"]),
-            data=DataSettings(**described["data"]),
+            data=from_saved(DataSettings, described["data"]),
         )
 
     def kept_start_point(self) -> dict[str, Any] | None:

@@ -58,7 +58,7 @@ class SearchData:
 
 
 def synthesize_shards(batch: dict[str, np.ndarray], arrays_ref: list, plan: SplitPlan, seed: int, shard_size: int,
-                      tight_boxes: bool) -> dict[str, np.ndarray]:
+                      tight_boxes: bool, augment: bool = False) -> dict[str, np.ndarray]:
     """Ray Data task: synthesizes the shards named in `batch`. The MNIST arrays come from the
     object store without a copy; the reference is wrapped in a list so it reaches the task as a
     reference, not resolved into the task's arguments."""
@@ -68,7 +68,7 @@ def synthesize_shards(batch: dict[str, np.ndarray], arrays_ref: list, plan: Spli
         images, labels = arrays["test" if split == "test" else "train"]
         part = synthesize_shard(
             images, labels, plan, seed=seed, split=str(split), epoch=int(epoch), shard=int(shard),
-            shard_size=shard_size, tight_boxes=tight_boxes,
+            shard_size=shard_size, tight_boxes=tight_boxes, augment=augment,
         )
         part["task"] = np.full(len(part["label"]), task, dtype=np.int64)
         part["shard"] = np.full(len(part["label"]), shard, dtype=np.int64)
@@ -86,7 +86,7 @@ def synthesis_dataset(items: list[dict], arrays_ref: list, plan: SplitPlan, seed
         synthesize_shards,
         fn_kwargs={
             "arrays_ref": arrays_ref, "plan": plan, "seed": seed, "shard_size": settings.shard_size,
-            "tight_boxes": settings.tight_boxes,
+            "tight_boxes": settings.tight_boxes, "augment": settings.augment,
         },
         batch_size=1,
         **map_options,

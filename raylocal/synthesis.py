@@ -16,6 +16,10 @@ CANVAS = 75
 DIGIT = 28
 POSITIONS = CANVAS - DIGIT + 1
 SPLITS = ("train", "val", "test")
+# `augment`: each training digit is turned by up to this many degrees either way and scaled by up
+# to this fraction about its frame's centre before it is pasted; validation and test digits never.
+AUGMENT_DEGREES = 10.0
+AUGMENT_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,54 @@ def placement(seed: int, split: str, epoch: int, digits: np.ndarray) -> tuple[np
     xs = _splitmix64(counters) % np.uint64(POSITIONS)
     ys = _splitmix64(counters + np.uint64(1)) % np.uint64(POSITIONS)
     return xs.astype(np.int64), ys.astype(np.int64)
+
+
+def _unit(hashes: np.ndarray) -> np.ndarray:
+    """Uniform floats in [-1, 1) from 64-bit hashes (their top 53 bits)."""
+    return (hashes >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0
+
+
+def distortion(seed: int, epoch: int, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(angle in degrees, scale) of each training digit: like `placement`, a hash of (seed, epoch,
+    digit index), under a key of its own so that it is independent of where the digit lands."""
+    key = np.random.SeedSequence([seed, SPLITS.index("train"), epoch, 1]).generate_state(1, np.uint64)[0]
+    counters = np.asarray(digits, dtype=np.uint64) * np.uint64(2) ^ key
+    angles = AUGMENT_DEGREES * _unit(_splitmix64(counters))
+    scales = 1.0 + AUGMENT_SCALE * _unit(_splitmix64(counters + np.uint64(1)))
+    return angles, scales
+
+
+def distort(digits: np.ndarray, angles: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Digits [N,28,28] uint8 turned by `angles` (degrees, counter-clockwise as displayed) and scaled
+    by `scales` about the frame's centre; bilinear, ink moved outside the frame is cut off."""
+    check_digits(digits)
+    count, side = len(digits), DIGIT + 2
+    theta = np.radians(np.asarray(angles, dtype=np.float64))[:, None]
+    inverse = 1.0 / np.asarray(scales, dtype=np.float64)[:, None]
+    cos, sin = (np.cos(theta) * inverse).astype(np.float32), (np.sin(theta) * inverse).astype(np.float32)
+    centre = np.float32((DIGIT - 1) / 2)
+    rows, cols = np.meshgrid(np.arange(DIGIT, dtype=np.float32) - centre, np.arange(DIGIT, dtype=np.float32) - centre,
+                             indexing="ij")
+    dx, dy = cols.reshape(1, -1), rows.reshape(1, -1)
+    # Each output pixel reads the source point the inverse transform maps it to (rows grow downwards).
+    src_x = cos * dx - sin * dy + centre
+    src_y = sin * dx + cos * dy + centre
+    inside = (src_x > -1) & (src_x < DIGIT) & (src_y > -1) & (src_y < DIGIT)
+    x0, y0 = np.floor(src_x), np.floor(src_y)
+    fx, fy = src_x - x0, src_y - y0
+    # In a frame with a black border of one pixel, the four pixels around every point inside are in range.
+    corner = (np.clip(y0, -1, DIGIT - 1).astype(np.int32) + 1) * side + np.clip(x0, -1, DIGIT - 1).astype(np.int32) + 1
+    padded = np.pad(digits, ((0, 0), (1, 1), (1, 1))).reshape(count, -1)
+
+    def read(offset: int) -> np.ndarray:
+        return np.take_along_axis(padded, corner + offset, axis=1).astype(np.float32)
+
+    top_left, top_right = read(0), read(1)
+    top = top_left + (top_right - top_left) * fx
+    bottom_left, bottom_right = read(side), read(side + 1)
+    bottom = bottom_left + (bottom_right - bottom_left) * fx
+    values = (top + (bottom - top) * fy) * inside
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8).reshape(count, DIGIT, DIGIT)
 
 
 def epoch_order(seed: int, split: str, epoch: int, num: int) -> np.ndarray:
@@ -131,13 +183,18 @@ def synthesize_split(
     start: int = 0,
     stop: int | None = None,
     tight_boxes: bool = False,
+    augment: bool = False,
 ) -> dict[str, np.ndarray]:
     """Rows [start, stop) of one epoch of one split, as columns. Row r is digit order[r] of the
-    split, placed by `placement`; any slice regenerates alone, byte for byte."""
+    split, placed by `placement` (a training digit first distorted by `distortion` if `augment`);
+    any slice regenerates alone, byte for byte."""
     split_indices = plan.indices(split)
     order = epoch_order(seed, split, epoch, len(split_indices))
     chosen = split_indices[order[start:stop]]
-    canvases, boxes = place(images[chosen], *placement(seed, split, epoch, chosen), tight_boxes)
+    digits = images[chosen]
+    if augment and split == "train":
+        digits = distort(digits, *distortion(seed, epoch, chosen))
+    canvases, boxes = place(digits, *placement(seed, split, epoch, chosen), tight_boxes)
     return {"image": canvases, "box": boxes, "label": labels[chosen].astype(np.int64), "digit_index": chosen}
 
 
@@ -152,10 +209,11 @@ def synthesize_shard(
     shard: int,
     shard_size: int,
     tight_boxes: bool = False,
+    augment: bool = False,
 ) -> dict[str, np.ndarray]:
     """Shard `shard` of `synthesize_split`: the unit of work of a data worker."""
     return synthesize_split(images, labels, plan, seed=seed, split=split, epoch=epoch, start=shard * shard_size,
-                            stop=(shard + 1) * shard_size, tight_boxes=tight_boxes)
+                            stop=(shard + 1) * shard_size, tight_boxes=tight_boxes, augment=augment)
 
 
 def num_shards(plan: SplitPlan, split: str, shard_size: int) -> int:

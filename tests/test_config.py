@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,12 @@ def test_a_search_described_before_box_head_resumes_with_the_flatten_head():
     del described["fixed"]["box_head"]
     assert Experiment.from_description(described).fixed == Hyperparameters(box_head="flatten")
     assert Experiment.from_description(Experiment().describe()) == Experiment()
+
+
+def test_a_search_described_before_augment_resumes_without_it():
+    described = Experiment().describe()
+    del described["data"]["augment"]
+    assert Experiment.from_description(described).data == replace(Experiment().data, augment=False)
 
 
 def test_a_box_head_can_be_fixed_or_searched_by_name():

@@ -39,7 +39,8 @@ def test_search_data_matches_pure_synthesis_and_replaces_every_epoch(ray_session
 
     epoch1 = data.train_epochs[1].fetch()
     shard2 = synthesize_shard(
-        mnist.train_images, mnist.train_labels, plan, seed=3, split="train", epoch=1, shard=2, shard_size=100
+        mnist.train_images, mnist.train_labels, plan, seed=3, split="train", epoch=1, shard=2, shard_size=100,
+        augment=settings.augment,
     )
     np.testing.assert_array_equal(epoch1["image"][200:300], shard2["image"])
     np.testing.assert_array_equal(epoch1["box"][200:300], shard2["box"])

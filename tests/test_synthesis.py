@@ -4,10 +4,14 @@ import numpy as np
 import pytest
 
 from raylocal.synthesis import (
+    AUGMENT_DEGREES,
+    AUGMENT_SCALE,
     CANVAS,
     DIGIT,
     POSITIONS,
     SplitPlan,
+    distort,
+    distortion,
     ink_extent,
     num_shards,
     paste,
@@ -47,10 +51,12 @@ def source() -> tuple[np.ndarray, np.ndarray, SplitPlan]:
     return images, labels, split_plan(180, 60)
 
 
-def shard(source, split: str, epoch: int, index: int = 0, shard_size: int = 50, seed: int = SEED) -> dict:
+def shard(source, split: str, epoch: int, index: int = 0, shard_size: int = 50, seed: int = SEED,
+          augment: bool = False, tight_boxes: bool = False) -> dict:
     images, labels, plan = source
     return synthesize_shard(
-        images, labels, plan, seed=seed, split=split, epoch=epoch, shard=index, shard_size=shard_size
+        images, labels, plan, seed=seed, split=split, epoch=epoch, shard=index, shard_size=shard_size,
+        augment=augment, tight_boxes=tight_boxes,
     )
 
 
@@ -284,3 +290,62 @@ def test_any_shard_regenerates_alone_as_its_slice_of_the_epoch(source, split):
         alone = shard(source, split, epoch=2, index=index, shard_size=40)
         for key, column in alone.items():
             assert column.tobytes() == epoch[key][index * 40 : (index + 1) * 40].tobytes()
+
+
+def test_distort_without_a_turn_or_scale_is_the_identity():
+    digits = fake_digits(20)
+    np.testing.assert_array_equal(distort(digits, np.zeros(20), np.ones(20)), digits)
+
+
+def test_distort_turns_counter_clockwise_as_displayed():
+    digits = fake_digits(6, seed=1)
+    np.testing.assert_array_equal(distort(digits, np.full(6, 90.0), np.ones(6)), np.rot90(digits, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(distort(digits, np.full(6, -90.0), np.ones(6)), np.rot90(digits, 3, axes=(1, 2)))
+
+
+def test_distort_scales_about_the_centre_and_cuts_off_what_leaves_the_frame():
+    square = np.zeros((1, DIGIT, DIGIT), dtype=np.uint8)
+    square[0, 10:18, 10:18] = 200  # 8x8 about the centre (13.5, 13.5)
+    grown = distort(square, np.zeros(1), np.full(1, 2.0))[0]
+    rows, cols = np.nonzero(grown)
+    # Offsets from the centre double: the 8 pixels and their bilinear fringe cover 5-22, full ink 7-20.
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (5, 22, 5, 22)
+    assert grown[7:21, 7:21].min() == 200
+    corner = np.zeros((1, DIGIT, DIGIT), dtype=np.uint8)
+    corner[0, :3, :3] = 255
+    assert not distort(corner, np.zeros(1), np.full(1, 4.0)).any()
+
+
+def test_distortions_stay_in_range_and_depend_on_seed_epoch_and_digit():
+    digits = np.arange(5000)
+    angles, scales = distortion(SEED, 2, digits)
+    assert np.abs(angles).max() <= AUGMENT_DEGREES and np.abs(scales - 1).max() <= AUGMENT_SCALE
+    # Spread over the whole range, not stuck near 0.
+    assert np.abs(angles).max() > 0.95 * AUGMENT_DEGREES and np.abs(scales - 1).max() > 0.95 * AUGMENT_SCALE
+    assert abs(np.corrcoef(angles, scales)[0, 1]) < 0.05
+    again = distortion(SEED, 2, digits[100:200])
+    np.testing.assert_array_equal(again[0], angles[100:200])
+    for other in (distortion(SEED + 1, 2, digits), distortion(SEED, 3, digits)):
+        assert not np.allclose(other[0], angles)
+
+
+def test_augment_distorts_training_digits_only(source):
+    for split in ("val", "test"):
+        plain, augmented = shard(source, split, epoch=1), shard(source, split, epoch=1, augment=True)
+        for key in plain:
+            np.testing.assert_array_equal(plain[key], augmented[key])
+    plain, augmented = shard(source, "train", epoch=1), shard(source, "train", epoch=1, augment=True)
+    for key in ("box", "label", "digit_index"):
+        np.testing.assert_array_equal(plain[key], augmented[key])
+    changed = [not np.array_equal(a, b) for a, b in zip(plain["image"], augmented["image"])]
+    assert np.mean(changed) > 0.9
+
+
+def test_an_augmented_training_shard_regenerates_alone_and_its_tight_box_holds_the_ink(source):
+    whole = shard(source, "train", epoch=2, shard_size=100, augment=True, tight_boxes=True)
+    alone = shard(source, "train", epoch=2, index=1, shard_size=50, augment=True, tight_boxes=True)
+    for key, column in alone.items():
+        assert column.tobytes() == whole[key][50:100].tobytes()
+    for canvas, (x0, y0, x1, y1) in zip(whole["image"], pixel_boxes(whole["box"])):
+        inside = canvas[y0:y1, x0:x1]
+        assert inside.sum() == canvas.sum() > 0
