@@ -341,8 +341,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     if warm:
         per_worker = replace(per_worker, lr=continued_lr(params.lr, lr_scale, warm))
     settings = TrialSettings(max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
-                             storage_path=storage, experiment_name=name, seed=seed, fixed={},
-                             staging=search_settings.staging)
+                             storage_path=storage, experiment_name=name, seed=seed, fixed={})
     run_dir = os.path.join(storage, "final", name)
     saved = saved_run(run_dir)
     started = time.perf_counter()

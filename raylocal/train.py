@@ -8,11 +8,8 @@ paths call the same `engine.fit`; `raylocal.layout` decides which one runs.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +24,6 @@ from raylocal.engine import fit
 from raylocal.layout import Layout
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# Where rank 0 writes a checkpoint before reporting it, inside the search's own folder: a worker
-# killed in the middle of a report (a lost node, a failure the search recovers from) cannot remove
-# its file, which in the system's temporary folder stayed behind unnoticed (2.3 MB a model).
-STAGING = ".staging"
 
 
 @dataclass(frozen=True)
@@ -44,29 +37,6 @@ class TrialSettings:
     seed: int
     fixed: dict[str, Any]
     max_failures: int = 2
-    staging: str | None = None  # see `staging_dir`; None: the system's temporary folder
-
-
-def staging_dir(experiment_dir: str) -> str | None:
-    """The folder checkpoints are staged in before Ray persists them; None where the search's
-    storage is a URI (workers need a local folder)."""
-    return None if "://" in experiment_dir else os.path.join(experiment_dir, STAGING)
-
-
-def remove_staging(experiment_dir: str) -> None:
-    """Remove what killed workers left in the staging folder; call only when no worker runs."""
-    if (staging := staging_dir(experiment_dir)) is not None:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_checkpoint(state: dict[str, Any], staging: str | None) -> Iterator[str]:
-    """A folder holding `state` as CHECKPOINT_FILE while the caller reports it, removed afterwards."""
-    if staging is not None:
-        os.makedirs(staging, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=staging, prefix="checkpoint-") as directory:
-        save_checkpoint_dir(state, directory)
-        yield directory
 
 
 def save_checkpoint_dir(state: dict[str, Any], directory: str) -> None:
@@ -161,7 +131,8 @@ def fit_this_rank(
         if rank != 0:
             session.report(metrics)
             return
-        with staged_checkpoint(state | {"history": history, "world_size": world_size}, settings.staging) as directory:
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint_dir(state | {"history": history, "world_size": world_size}, directory)
             session.report(metrics, checkpoint=session.Checkpoint.from_directory(directory))
 
     fit(

@@ -339,7 +339,7 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
     from raylocal.layout import cluster_final_layout, cluster_layout
     from raylocal.mnist import load_mnist
     from raylocal.report import write_report
-    from raylocal.train import TrialSettings, remove_staging, run_trial, staging_dir
+    from raylocal.train import TrialSettings, run_trial
 
     started = started or time.time()
     experiment, budget = plan.experiment, plan.experiment.budget
@@ -356,7 +356,6 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
         max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
         reports_per_epoch=budget.reports_per_epoch, layout=layout, storage_path=plan.storage,
         experiment_name=plan.name, seed=args.seed, fixed=asdict(experiment.fixed),
-        staging=staging_dir(plan.experiment_dir),
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings),
                                     layout.trial_resources())
@@ -375,7 +374,6 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
         final = run_final(results, data, settings, plan.final, cluster_final_layout(args), time_budget,
                           plan.experiment_dir, log=log, start_point=plan.experiment.kept_start_point())
     summary = export_best(results, data, settings, plan, search_seconds=time.time() - started, final=final, log=log)
-    remove_staging(plan.experiment_dir)
     if "://" not in plan.storage:
         summary["report"] = str(write_report(Path(plan.storage) / plan.name, log=log))
     log(summary_table(summary))

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from raylocal.train import STAGING
-
 pytestmark = pytest.mark.ray
 
 # No rung before the last epoch (the grace period is the whole budget), so every trial trains all
@@ -83,8 +81,6 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    # Checkpoints were staged in the search's own folder, which only a finished command removes.
-    assert (experiment_dir / STAGING).is_dir()
     # What Tune had saved when it died is what the resumed search starts from.
     before = results_by_trial(experiment_dir)
 
@@ -112,36 +108,6 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     saved_epochs = {row["epoch"] for row in before[interrupted]}
     assert resumed_rows[0]["epoch"] > min(saved_epochs), (before[interrupted], resumed_rows)
     assert (experiment_dir / "best_model" / "model.pt2").is_file()
-    assert not (experiment_dir / STAGING).exists()
-
-
-def stage_and_die(staging: str) -> None:
-    from raylocal.train import staged_checkpoint
-
-    with staged_checkpoint({"model": {}}, staging):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def test_a_worker_killed_while_staging_a_checkpoint_leaves_it_in_the_search_folder(tmp_path):
-    import multiprocessing
-
-    from raylocal.train import CHECKPOINT_FILE, remove_staging, staged_checkpoint, staging_dir
-
-    experiment_dir = str(tmp_path / "search")
-    staging = Path(staging_dir(experiment_dir))
-    with staged_checkpoint({"model": {}}, str(staging)) as directory:
-        assert Path(directory).parent == staging and (Path(directory) / CHECKPOINT_FILE).is_file()
-    assert list(staging.iterdir()) == []
-    # Killed while it reports, a worker runs no cleanup: its file stays, but in the search's folder.
-    child = multiprocessing.get_context("fork").Process(target=stage_and_die, args=(str(staging),))
-    child.start()
-    child.join(timeout=60)
-    assert child.exitcode == -signal.SIGKILL
-    assert len(list(staging.glob(f"checkpoint-*/{CHECKPOINT_FILE}"))) == 1
-    remove_staging(experiment_dir)
-    assert not staging.exists() and (tmp_path / "search").is_dir()
-    # Workers cannot write into a URI: they stage in the system's temporary folder.
-    assert staging_dir("s3://bucket/search") is None
 
 
 def test_resuming_a_search_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
