@@ -57,11 +57,16 @@ def _splitmix64(values: np.ndarray) -> np.ndarray:
 def placement(seed: int, split: str, epoch: int, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of each digit's top-left corner, uniform over the POSITIONS: a hash of (seed, split,
     epoch, digit index), so each digit's place is independent of every other digit's."""
-    key = np.random.SeedSequence([seed, SPLITS.index(split), epoch]).generate_state(1, np.uint64)[0]
-    counters = np.asarray(digits, dtype=np.uint64) * np.uint64(2) ^ key
-    xs = _splitmix64(counters) % np.uint64(POSITIONS)
-    ys = _splitmix64(counters + np.uint64(1)) % np.uint64(POSITIONS)
-    return xs.astype(np.int64), ys.astype(np.int64)
+    first, second = digit_hashes([seed, SPLITS.index(split), epoch], digits)
+    return (first % np.uint64(POSITIONS)).astype(np.int64), (second % np.uint64(POSITIONS)).astype(np.int64)
+
+
+def digit_hashes(key: list[int], digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes per digit index under `key`: a digit's draws never depend on
+    which other digits are drawn with it."""
+    mixed = np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
+    counters = np.asarray(digits, dtype=np.uint64) * np.uint64(2) ^ mixed
+    return _splitmix64(counters), _splitmix64(counters + np.uint64(1))
 
 
 def _unit(hashes: np.ndarray) -> np.ndarray:
@@ -72,11 +77,8 @@ def _unit(hashes: np.ndarray) -> np.ndarray:
 def distortion(seed: int, epoch: int, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(angle in degrees, scale) of each training digit: like `placement`, a hash of (seed, epoch,
     digit index), under a key of its own so that it is independent of where the digit lands."""
-    key = np.random.SeedSequence([seed, SPLITS.index("train"), epoch, 1]).generate_state(1, np.uint64)[0]
-    counters = np.asarray(digits, dtype=np.uint64) * np.uint64(2) ^ key
-    angles = AUGMENT_DEGREES * _unit(_splitmix64(counters))
-    scales = 1.0 + AUGMENT_SCALE * _unit(_splitmix64(counters + np.uint64(1)))
-    return angles, scales
+    first, second = digit_hashes([seed, SPLITS.index("train"), epoch, 1], digits)
+    return AUGMENT_DEGREES * _unit(first), 1.0 + AUGMENT_SCALE * _unit(second)
 
 
 def distort(digits: np.ndarray, angles: np.ndarray, scales: np.ndarray) -> np.ndarray:
