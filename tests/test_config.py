@@ -327,6 +327,8 @@ def test_a_search_described_before_augment_resumes_without_it():
     described = Experiment().describe()
     del described["data"]["augment"]
     assert Experiment.from_description(described).data == replace(Experiment().data, augment=False)
+    augmented = Experiment().with_data(augment=True)
+    assert Experiment.from_description(augmented.describe()).data.augment is True
 
 
 def test_a_box_head_can_be_fixed_or_searched_by_name():

@@ -32,7 +32,8 @@ def test_search_data_matches_pure_synthesis_and_replaces_every_epoch(ray_session
     from raylocal.data import build_search_data
 
     mnist = load_mnist(tiny_mnist_dir, verify=False, log=lambda _: None)
-    settings = DataSettings(shard_size=100)
+    # Augmented: the pure shard below matches only if the setting reaches Ray Data's tasks.
+    settings = DataSettings(shard_size=100, augment=True)
     data = build_search_data(mnist, settings, epochs=2, seed=3, log=lambda _: None)
     plan = split_plan(len(mnist.train_images), len(mnist.test_images))
     assert (data.train_epochs[0].rows, data.val.rows, data.test.rows) == (len(plan.train), len(plan.val), len(plan.test))
