@@ -52,12 +52,17 @@ def search(start_search, tmp_path: Path, address: str, *flags: str) -> subproces
                         "--time-budget", "0", *flags)
 
 
-def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.Popen, timeout_s: float = 240):
+def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.Popen, max_epochs: int,
+                                      timeout_s: float = 240):
+    """A moment with one trial done and one that has reported twice and has at least a whole epoch
+    left: a trial caught at its last report may have finished it in Train (DDP) before the driver
+    wrote it, and then has nothing left to continue after the resume."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         trials = results_by_trial(experiment_dir)
         done = [name for name, rows in trials.items() if rows and rows[-1].get("done")]
-        running = [name for name, rows in trials.items() if len(rows) >= 2 and not rows[-1].get("done")]
+        running = [name for name, rows in trials.items()
+                   if len(rows) >= 2 and not rows[-1].get("done") and rows[-1]["epoch"] <= max_epochs - 1]
         if done and running:
             return trials, done[0], running[0]
         if process.poll() is not None:
@@ -74,11 +79,12 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
 ])
 def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search,
                                                                  workers):
-    (tmp_path / "space.toml").write_text(experiment(max_epochs=8 if workers == 1 else 3))
+    max_epochs = 8 if workers == 1 else 3
+    (tmp_path / "space.toml").write_text(experiment(max_epochs=max_epochs))
     experiment_dir = tmp_path / "results" / "resumable"
     first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--no-final",
                    "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--workers-per-trial", str(workers))
-    before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first)
+    before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first, max_epochs)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     # What Tune had saved when it died is what the resumed search starts from.
