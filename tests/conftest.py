@@ -110,9 +110,9 @@ def start_search(tmp_path):
     # Without the session's loopback switch: a search binds itself to loopback, as for a user.
     env = {key: value for key, value in os.environ.items() if key != LOOPBACK_SWITCH}
 
-    def start(*flags: str, cwd: Path | None = None) -> subprocess.Popen:
+    def start(*flags: str, cwd: Path | None = None, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         process = subprocess.Popen(
-            [sys.executable, "-m", "raylocal.tune", *flags], cwd=cwd or tmp_path, env=env,
+            [sys.executable, "-m", "raylocal.tune", *flags], cwd=cwd or tmp_path, env=env | (extra_env or {}),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         started.append(process)

@@ -47,24 +47,61 @@ def results_by_trial(experiment_dir: Path) -> dict[str, list[dict]]:
     }
 
 
-def search(start_search, tmp_path: Path, address: str, *flags: str) -> subprocess.Popen:
+def search(start_search, tmp_path: Path, address: str, *flags: str, **kwargs) -> subprocess.Popen:
     return start_search("--address", address, "--quiet", "--storage", str(tmp_path / "results"), "--name", "resumable",
-                        "--time-budget", "0", *flags)
+                        "--time-budget", "0", *flags, **kwargs)
 
 
-def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.Popen, max_epochs: int,
+# Tune saves the search's state (which trials it holds, their checkpoints) every 10 s or more;
+# the killed search saves it every second, so that what was watched is what the resume finds.
+SAVE_STATE_OFTEN = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}
+
+
+def trained_epochs(experiment_dir: Path, trial_folder: str, rows: list[dict], workers: int) -> float | None:
+    """How far a trial has trained. Inline, its rows say: its reports wait for the driver. A DDP
+    trial's Train run goes on while its reports wait for the driver (Tune writes them in bursts of
+    up to five), so its own Train run says (None before its first checkpoint)."""
+    if workers == 1:
+        return rows[-1]["epoch"]
+    from ray.train import Result
+
+    trial_id = trial_folder.split("_")[2]
+    try:
+        return Result.from_path(str(experiment_dir.parent / f"{experiment_dir.name}-train-runs"
+                                    / f"{experiment_dir.name}-train-{trial_id}")).metrics["epoch"]
+    except Exception:  # noqa: BLE001 - no checkpoint yet, or its snapshot is being written
+        return None
+
+
+def saved_unfinished(experiment_dir: Path) -> set[str]:
+    """The folders of the trials Tune's saved state holds and has not ended (it saves a running
+    one as PENDING): a trial started since the last save is not in it, and the resumed searcher
+    would start it again as a new trial."""
+    from raylocal.results import read_search
+
+    try:
+        return {Path(trial.path).name for trial in read_search(experiment_dir)
+                if trial.status not in ("TERMINATED", "ERROR")}
+    except Exception:  # noqa: BLE001 - the state is being written, or not yet
+        return set()
+
+
+def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.Popen, max_epochs: int, workers: int,
                                       timeout_s: float = 240):
-    """A moment with one trial done and one that has reported twice and has at least a whole epoch
-    left: a trial caught at its last report may have finished it in Train (DDP) before the driver
-    wrote it, and then has nothing left to continue after the resume."""
+    """A moment with one trial done and one that Tune's saved state holds as running, that has
+    reported (inline: twice) and that has at least a whole epoch left to train: a trial that
+    finished training just before the kill has nothing left to continue after the resume."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         trials = results_by_trial(experiment_dir)
         done = [name for name, rows in trials.items() if rows and rows[-1].get("done")]
-        running = [name for name, rows in trials.items()
-                   if len(rows) >= 2 and not rows[-1].get("done") and rows[-1]["epoch"] <= max_epochs - 1]
-        if done and running:
-            return trials, done[0], running[0]
+        started = [name for name, rows in trials.items()
+                   if len(rows) >= (2 if workers == 1 else 1) and not rows[-1].get("done")]
+        running = [name for name in started
+                   if (epochs := trained_epochs(experiment_dir, name, trials[name], workers)) is not None
+                   and epochs <= max_epochs - 1]
+        if done and running and (saved := [name for name in running if name in saved_unfinished(experiment_dir)]):
+            return trials, done[0], saved[0]
         if process.poll() is not None:
             pytest.fail(f"search ended before it could be interrupted:\n{process.stdout.read()}")
         time.sleep(0.2)
@@ -79,12 +116,13 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
 ])
 def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search,
                                                                  workers):
-    max_epochs = 8 if workers == 1 else 3
+    max_epochs = 8 if workers == 1 else 4
     (tmp_path / "space.toml").write_text(experiment(max_epochs=max_epochs))
     experiment_dir = tmp_path / "results" / "resumable"
     first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--no-final",
-                   "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--workers-per-trial", str(workers))
-    before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first, max_epochs)
+                   "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--workers-per-trial", str(workers),
+                   extra_env=SAVE_STATE_OFTEN)
+    before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first, max_epochs, workers)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     # What Tune had saved when it died is what the resumed search starts from.
