@@ -24,13 +24,14 @@ CASES = {
     "bench_train.py": (["--rows", "512", "--val-rows", "200", "--depth", "2", "--width", "4", "--threads", "1"],
                        [rf"plain PyTorch loop \(default\) +{NUMBER}", rf"raylocal loop in Ray Train +{NUMBER}",
                         rf"ratio Ray Train loop / faster plain loop: {NUMBER}"]),
-    # Two of the four layouts: the base, and DDP with one worker on each of two nodes.
-    "bench_scaling.py": (["--trials", "2", "--train-digits", "1200", "--depth", "2", "--width", "4", "--layouts", "1,4"],
+    # Two of the four layouts: the base, and DDP with one worker on each of two nodes; one trial
+    # each (a DDP trial's Train start-up is most of a layout's time here).
+    "bench_scaling.py": (["--trials", "1", "--train-digits", "1200", "--depth", "2", "--width", "4", "--layouts", "1,4"],
                          [rf"1 node x 1 CPU, 1 worker/trial +wall +{NUMBER}s", r"DDP across nodes\) .*workers ran on 2 node",
                           rf"ratio 2 nodes x 1 CPU, 2 workers/trial \(DDP across nodes\) / 1 node x 1 CPU, 1 worker/trial: wall {NUMBER}x"]),
-    # The GPU layouts with two of Ray's logical GPUs (computed on the CPU): trials sharing the
-    # GPUs, and DDP with a GPU id of its own per worker.
-    "bench_scaling.py --gpus 2": (["--trials", "2", "--train-digits", "1200", "--depth", "2", "--width", "4", "--gpus", "2",
+    # The GPU layouts with two of Ray's logical GPUs (computed on the CPU): a trial on a share of
+    # one GPU, and DDP with a GPU id of its own per worker.
+    "bench_scaling.py --gpus 2": (["--trials", "1", "--train-digits", "1200", "--depth", "2", "--width", "4", "--gpus", "2",
                                    "--layouts", "5,6"],
                                   [r"2 logical GPU\(s\) declared to Ray; trials compute on the CPU",
                                    r"1 worker/trial \(trials share GPUs\) .*GPUs [01]\)",

@@ -139,18 +139,19 @@ def trial_results(experiment_dir) -> list[dict]:
 
 
 def test_two_workers_per_trial_run_ddp_over_gloo_across_both_nodes(ray_session, tmp_path, tiny_mnist_dir):
-    main(search_args(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2", "--no-final"))
+    # One trial: its Train run across both nodes is what this checks (test_resume runs several).
+    main(search_args(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2", "--no-final", "--trials", "1"))
     card = check_export(tmp_path / "export")
     assert card["model_from"] == "search" and card["final"] is None
     assert card["search"]["backend"] == "ray-train" and card["search"]["workers_per_trial"] == 2
     cluster_nodes = {node["NodeID"] for node in ray_session_nodes()}
     results = trial_results(tmp_path / "results" / "toy")
-    # Both trials ran (one after the other: each needs both CPUs), each across both nodes.
-    assert len({r["trial_id"] for r in results}) == 2
+    # The trial's every report came from workers on both nodes.
+    assert len({r["trial_id"] for r in results}) == 1
     assert all(set(r["worker_nodes"].split(",")) == cluster_nodes for r in results)
     assert len(cluster_nodes) == 2
     train_runs = list((tmp_path / "results" / "toy-train-runs").iterdir())
-    assert len(train_runs) == 2
+    assert len(train_runs) == 1
     assert any(path.name.startswith("checkpoint_") for path in train_runs[0].iterdir())
 
 
