@@ -52,15 +52,19 @@ def search(start_search, tmp_path: Path, address: str, *flags: str, **kwargs) ->
                         "--time-budget", "0", *flags, **kwargs)
 
 
-# Tune saves the search's state (which trials it holds, their checkpoints) every 10 s or more;
-# the killed search saves it every second, so that what was watched is what the resume finds.
+# Tune's driver writes results and its saved state (which trials it holds, their checkpoints) in
+# a staging folder of its session, and copies them into the search's folder when it saves the
+# state: every 10 s or more, and after every second Tune checkpoint of a trial (inline trials make
+# those, DDP trials do not). The killed search saves every second, so that what the test watches
+# in the search's folder is close to what Tune knew, and is what the resume finds.
 SAVE_STATE_OFTEN = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}
 
 
 def trained_epochs(experiment_dir: Path, trial_folder: str, rows: list[dict], workers: int) -> float | None:
-    """How far a trial has trained. Inline, its rows say: its reports wait for the driver. A DDP
-    trial's Train run goes on while its reports wait for the driver (Tune writes them in bursts of
-    up to five), so its own Train run says (None before its first checkpoint)."""
+    """How far a trial has trained. Inline, its rows say: each report waits for the driver, and
+    the copy in the search's folder trails it by a report or so. A DDP trial's Train run goes on
+    while its rows wait for the copy (with Tune's default period, five reports were seen arrive at
+    once), so its own Train run says (None before its first checkpoint)."""
     if workers == 1:
         return rows[-1]["epoch"]
     from ray.train import Result
@@ -73,24 +77,23 @@ def trained_epochs(experiment_dir: Path, trial_folder: str, rows: list[dict], wo
         return None
 
 
-def saved_unfinished(experiment_dir: Path) -> set[str]:
-    """The folders of the trials Tune's saved state holds and has not ended (it saves a running
-    one as PENDING): a trial started since the last save is not in it, and the resumed searcher
-    would start it again as a new trial."""
+def saved_statuses(experiment_dir: Path) -> dict[str, str]:
+    """Each trial folder's status in Tune's saved state, which saves a running trial as PENDING.
+    A trial started since the last save is not in it: the resumed searcher would start it again
+    as a new trial; one whose end is not saved yet would be run again."""
     from raylocal.results import read_search
 
     try:
-        return {Path(trial.path).name for trial in read_search(experiment_dir)
-                if trial.status not in ("TERMINATED", "ERROR")}
+        return {Path(trial.path).name: trial.status for trial in read_search(experiment_dir)}
     except Exception:  # noqa: BLE001 - the state is being written, or not yet
-        return set()
+        return {}
 
 
 def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.Popen, max_epochs: int, workers: int,
                                       timeout_s: float = 240):
-    """A moment with one trial done and one that Tune's saved state holds as running, that has
-    reported (inline: twice) and that has at least a whole epoch left to train: a trial that
-    finished training just before the kill has nothing left to continue after the resume."""
+    """A moment with one trial done and one running, both so in Tune's saved state, the running
+    one having reported (inline: twice) and having at least a whole epoch left to train: a trial
+    that finished training just before the kill has nothing left to continue after the resume."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         trials = results_by_trial(experiment_dir)
@@ -100,8 +103,12 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
         running = [name for name in started
                    if (epochs := trained_epochs(experiment_dir, name, trials[name], workers)) is not None
                    and epochs <= max_epochs - 1]
-        if done and running and (saved := [name for name in running if name in saved_unfinished(experiment_dir)]):
-            return trials, done[0], saved[0]
+        if done and running:
+            saved = saved_statuses(experiment_dir)
+            finished = [name for name in done if saved.get(name) == "TERMINATED"]
+            unfinished = [name for name in running if saved.get(name) in ("PENDING", "RUNNING")]
+            if finished and unfinished:
+                return trials, finished[0], unfinished[0]
         if process.poll() is not None:
             pytest.fail(f"search ended before it could be interrupted:\n{process.stdout.read()}")
         time.sleep(0.2)
