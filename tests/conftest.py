@@ -40,8 +40,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(session, config, items):
     """The tests that do without the session's Ray cluster first (those that start instances of
-    their own among them), in their order, then those on it: an idle cluster's dozen processes
-    still take CPU, and with it running two searches at once took 141 s instead of 98 s on 2 cores."""
+    their own among them), in their order, then those on it: an idle cluster's twenty or so
+    processes still take CPU, and with it running two searches at once took 141 s instead of 98 s on 2 cores."""
     items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))
 
 

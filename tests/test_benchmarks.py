@@ -25,7 +25,7 @@ CASES = {
                        [rf"plain PyTorch loop \(default\) +{NUMBER}", rf"raylocal loop in Ray Train +{NUMBER}",
                         rf"ratio Ray Train loop / faster plain loop: {NUMBER}"]),
     # Two of the four layouts: the base, and DDP with one worker on each of two nodes; one trial
-    # each (a DDP trial's Train start-up is most of a layout's time here).
+    # each (a second only repeated the first).
     "bench_scaling.py": (["--trials", "1", "--train-digits", "1200", "--depth", "2", "--width", "4", "--layouts", "1,4"],
                          [rf"1 node x 1 CPU, 1 worker/trial +wall +{NUMBER}s", r"DDP across nodes\) .*workers ran on 2 node",
                           rf"ratio 2 nodes x 1 CPU, 2 workers/trial \(DDP across nodes\) / 1 node x 1 CPU, 1 worker/trial: wall {NUMBER}x"]),

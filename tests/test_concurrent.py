@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_dir, start_search):
     runs = {
         # Not --quiet: worker logs must reach the output for the "multiple instances" check to mean anything.
-        # One trial each: a Train run per instance is what used to hang; a second added 40 s on 2 cores.
+        # One trial each: a Train run per instance is what used to hang; a second only repeated it.
         name: start_search("--smoke-test", "--trials", "1", "--verbose", "0", "--data-dir", str(tiny_mnist_dir),
                            "--unverified-data", "--storage", str(tmp_path / "results"), "--name", name,
                            "--workers-per-trial", "2", "--no-final")
