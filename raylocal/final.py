@@ -13,6 +13,7 @@ workers re-plan it after every epoch from that epoch's time (fewer when they run
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -341,7 +342,8 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     if warm:
         per_worker = replace(per_worker, lr=continued_lr(params.lr, lr_scale, warm))
     settings = TrialSettings(max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
-                             storage_path=storage, experiment_name=name, seed=seed, fixed={})
+                             storage_path=storage, experiment_name=name, seed=seed, fixed={},
+                             report_logs=search_settings.report_logs)
     run_dir = os.path.join(storage, "final", name)
     saved = saved_run(run_dir)
     started = time.perf_counter()
@@ -452,6 +454,9 @@ def final_worker(loop_config: dict[str, Any]) -> None:
 
     context = train.get_context()
     settings, data = loop_config["settings"], loop_config["data"]
+    # Ray Train's worker logging shows this logger's lines once, on the console and in the run's
+    # log file; a print would show twice (Ray Train tees prints into its logging).
+    log = logging.getLogger("raylocal.final")
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = trial_device(settings.layout, train_worker=True)
     stream = StreamReader(train.get_dataset_shard("train"))
@@ -462,7 +467,16 @@ def final_worker(loop_config: dict[str, Any]) -> None:
         device=device, wrap=ddp_wrap(device, world_size), train_data=lambda epoch: stream.take(rows),
         replan=fit_to_deadline(deadline, loop_config["cap"], device, world_size) if deadline else None,
         init=loop_config.get("init"),
+        progress=lambda metrics, state: log.info(epoch_line(settings.experiment_name, metrics, state["max_epochs"])),
     )
+
+
+def epoch_line(name: str, metrics: dict[str, Any], planned: int) -> str:
+    """A final run's progress after each epoch, logged by its rank 0 (the driver shows workers'
+    output unless --quiet): the run's only sign of life for minutes at a time."""
+    return (f"final: {name}: epoch {metrics['epoch']:g} of {planned}: validation det IoU {metrics[OBJECTIVE]:.4f}, "
+            f"mean IoU {metrics['val_mean_iou']:.4f}, accuracy {metrics['val_accuracy']:.4f}; "
+            f"{metrics['report_seconds']:.0f} s this epoch")
 
 
 def agree(value: float, device: torch.device, world_size: int) -> float:

@@ -8,8 +8,11 @@ paths call the same `engine.fit`; `raylocal.layout` decides which one runs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ class TrialSettings:
     seed: int
     fixed: dict[str, Any]
     max_failures: int = 2
+    report_logs: bool = False  # Ray's two log lines per report (`--verbose 3`); see `ray_report_logs`
 
 
 def save_checkpoint_dir(state: dict[str, Any], directory: str) -> None:
@@ -48,6 +52,39 @@ def load_checkpoint_state(checkpoint) -> dict[str, Any] | None:
         return None
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+# The loggers of Ray's per-report lines: "Checkpoint successfully created at: ..." in Tune trials
+# and in Train workers. Train workers also log "Reporting training result N: TrainingReport(...)",
+# every metric of every report on one line, through a logger named by its module's file, which
+# Ray Train's LoggingConfig does not reach (it filters "ray.train.*" names only).
+REPORT_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
+
+
+def report_logger_names() -> list[str]:
+    names = list(REPORT_LOGGERS)
+    with contextlib.suppress(ImportError):
+        from ray.train.v2._internal.execution import context
+
+        names.append(context.__file__)
+    return names
+
+
+@contextlib.contextmanager
+def ray_report_logs(shown: bool) -> Iterator[None]:
+    """Ray's per-report log lines, hidden unless `shown`, put back as they were afterwards: a
+    default search and final run would print several hundred of them between Tune's tables,
+    repeating what the status table and raylocal's own progress lines say."""
+    loggers = [logging.getLogger(name) for name in report_logger_names()]
+    levels = [logger.level for logger in loggers]
+    if not shown:
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def run_trial(config: dict[str, Any], data: SearchData, settings: TrialSettings) -> None:
@@ -106,10 +143,12 @@ def fit_this_rank(
     stop=lambda: False,
     replan=None,
     init=None,
+    progress: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> None:
     """`engine.fit` on this rank's share of the data; `session` is `ray.tune` or `ray.train`,
     whose report/get_checkpoint/Checkpoint have the same shape but are different classes.
-    `train_data(epoch)` gives this rank's rows of an epoch (default: the search's epochs)."""
+    `train_data(epoch)` gives this rank's rows of an epoch (default: the search's epochs).
+    `progress(metrics, state)` is called on rank 0 after each report."""
     torch.set_num_threads(settings.layout.cpus_per_worker)
     workers = gather_workers(world_size, device)
     placement = {
@@ -134,24 +173,27 @@ def fit_this_rank(
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint_dir(state | {"history": history, "world_size": world_size}, directory)
             session.report(metrics, checkpoint=session.Checkpoint.from_directory(directory))
+        if progress is not None:
+            progress(metrics, state)
 
-    fit(
-        params,
-        max_epochs=settings.max_epochs,
-        first_epoch_reports=settings.first_epoch_reports,
-        reports_per_epoch=settings.reports_per_epoch,
-        train_data=train_data or (lambda epoch: data.train_epochs[epoch].fetch(rank, world_size)),
-        val_data=data.val.fetch(rank, world_size),
-        train_rows=data.train_epochs[0].rows // world_size,
-        report=report,
-        device=device,
-        wrap=wrap,
-        resume=resume,
-        seed=settings.seed,
-        stop=stop,
-        replan=replan,
-        init=init,
-    )
+    with ray_report_logs(settings.report_logs):
+        fit(
+            params,
+            max_epochs=settings.max_epochs,
+            first_epoch_reports=settings.first_epoch_reports,
+            reports_per_epoch=settings.reports_per_epoch,
+            train_data=train_data or (lambda epoch: data.train_epochs[epoch].fetch(rank, world_size)),
+            val_data=data.val.fetch(rank, world_size),
+            train_rows=data.train_epochs[0].rows // world_size,
+            report=report,
+            device=device,
+            wrap=wrap,
+            resume=resume,
+            seed=settings.seed,
+            stop=stop,
+            replan=replan,
+            init=init,
+        )
 
 
 def train_inline(params: Hyperparameters, data: SearchData, settings: TrialSettings) -> None:

@@ -356,6 +356,7 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
         max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
         reports_per_epoch=budget.reports_per_epoch, layout=layout, storage_path=plan.storage,
         experiment_name=plan.name, seed=args.seed, fixed=asdict(experiment.fixed),
+        report_logs=args.verbose >= 3 and not args.quiet,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings),
                                     layout.trial_resources())

@@ -27,6 +27,7 @@ from raylocal.final import (
     candidates,
     checkpoint_lr,
     continued_lr,
+    epoch_line,
     fit_to_deadline,
     pick_winner,
     plan_epochs,
@@ -235,6 +236,31 @@ def test_a_run_from_a_checkpoint_goes_on_at_the_rate_its_schedule_had_reached():
     assert continued_lr(params.lr, 1.0, states[0]) == params.lr
 
 
+def test_a_final_epoch_is_one_line_with_its_place_in_the_plan_and_its_figures():
+    metrics = {"epoch": 3.0, OBJECTIVE: 0.95123, "val_mean_iou": 0.9601, "val_accuracy": 0.99456, "report_seconds": 58.4}
+    assert epoch_line("final-1-seed0", metrics, 14) == (
+        "final: final-1-seed0: epoch 3 of 14: validation det IoU 0.9512, mean IoU 0.9601, accuracy 0.9946; "
+        "58 s this epoch")
+
+
+def test_rays_per_report_log_lines_are_hidden_unless_asked_for_and_put_back_after():
+    import logging
+
+    from raylocal.train import ray_report_logs, report_logger_names
+
+    names = report_logger_names()
+    # Train's "Reporting training result" logger is named by its module's file, not "ray.train...".
+    assert len(names) == 3 and names[2].endswith("context.py"), names
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    with ray_report_logs(shown=False):
+        assert all(not logger.isEnabledFor(logging.INFO) for logger in loggers)
+        assert all(logger.isEnabledFor(logging.WARNING) for logger in loggers)
+    assert [logger.level for logger in loggers] == before
+    with ray_report_logs(shown=True):
+        assert [logger.level for logger in loggers] == before
+
+
 @pytest.mark.ray
 def test_the_stream_reader_hands_out_exact_pieces_across_blocks(ray_session):
     import ray
@@ -261,7 +287,7 @@ def test_the_streams_scheduling_loop_waits_while_its_budget_holds_it_back(ray_se
     from ray.data._internal.execution.execution_callback import ExecutionCallback
 
     from raylocal.config import DataSettings
-    from raylocal.data import build_search_data, execution_callbacks, train_stream
+    from raylocal.data import build_search_data, dataset_context, train_stream
     from raylocal.mnist import load_mnist
 
     mnist = load_mnist(tiny_mnist_dir, verify=False, log=lambda line: None)
@@ -275,7 +301,7 @@ def test_the_streams_scheduling_loop_waits_while_its_budget_holds_it_back(ray_se
             def on_execution_step(self, executor) -> None:
                 steps.append(1)
 
-        with execution_callbacks(CountSteps):
+        with dataset_context(CountSteps):
             stream = train_stream(data, range(2), paced=paced)
         # Room for about two shards of 100 canvases: the stream waits for the reader most of the time.
         stream.context.execution_options = ExecutionOptions(

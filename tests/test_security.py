@@ -79,7 +79,9 @@ def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_to
 
     from conftest import Listeners
 
-    process = start_search("--smoke-test", "--quiet", "--data-dir", str(tiny_mnist_dir), "--unverified-data",
+    # Not --quiet: the workers' output reaches the console, where the final run's progress must show
+    # and Ray's per-report lines and the stream's progress bars must not.
+    process = start_search("--smoke-test", "--data-dir", str(tiny_mnist_dir), "--unverified-data",
                            "--storage", str(tmp_path / "results"), "--name", "listening")
     # The kill fixture ends the group at teardown; this ends a hung search before pytest would.
     watchdog = threading.Timer(400, lambda: os.killpg(process.pid, signal.SIGKILL))
@@ -105,6 +107,10 @@ def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_to
     output = "".join(lines)
     assert process.returncode == 0, output
     assert "final: final-1-seed0" in output  # the final phase ran: Train workers, a process group
+    # Its one epoch, logged once by rank 0 of the DDP run; nothing per report from Ray.
+    assert output.count("final: final-1-seed0: epoch 1 of 1: validation det IoU") == 1, output
+    for noise in ("Reporting training result", "Checkpoint successfully created", "row/s"):  # row/s: a data bar
+        assert noise not in output, output
     assert answers == {"without": 401, "with": 200}, output
     assert listeners.of("RayTrainWorker") and listeners.of("raylet") and listeners.of("dashboard"), listeners.seen
     assert not listeners.beyond_loopback(), listeners.beyond_loopback()
