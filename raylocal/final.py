@@ -454,8 +454,9 @@ def final_worker(loop_config: dict[str, Any]) -> None:
 
     context = train.get_context()
     settings, data = loop_config["settings"], loop_config["data"]
-    # Ray Train's worker logging shows this logger's lines once, on the console and in the run's
-    # log file; a print would show twice (Ray Train tees prints into its logging).
+    # Ray Train's worker logging (on unless RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING=0) shows this
+    # logger's lines once, on the console and in the run's log file; a print would show twice
+    # (Ray Train tees prints into its logging).
     log = logging.getLogger("raylocal.final")
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = trial_device(settings.layout, train_worker=True)

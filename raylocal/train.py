@@ -40,7 +40,7 @@ class TrialSettings:
     seed: int
     fixed: dict[str, Any]
     max_failures: int = 2
-    report_logs: bool = False  # Ray's two log lines per report (`--verbose 3`); see `ray_report_logs`
+    report_logs: bool = False  # Ray's per-report log lines (`--verbose 3`); see `ray_report_logs`
 
 
 def save_checkpoint_dir(state: dict[str, Any], directory: str) -> None:

@@ -94,7 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", nargs="?", const=True, metavar="PATH",
                         help="continue an interrupted search: the one named by --name (and --storage), or at PATH")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2, 3), default=1,
-                        help="Tune output: 0 silent, 1 status table (default), 2 + trial results, 3 + everything")
+                        help="Tune output: 0 silent, 1 status table (default), 2 + trial results, "
+                             "3 + everything (Ray's lines per report too)")
     parser.add_argument("--quiet", action="store_true",
                         help="only raylocal's own lines and the final table: no Tune table, trial logs or progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
