@@ -388,8 +388,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
         placement = {key: value for key, value in (result.metrics or {}).items() if key.startswith("worker_")}
     curve = state["history"]
     log(f"final: {name}: {curve[-1]['epoch']:g} epochs, {time.perf_counter() - started:.0f} s in this command; "
-        f"validation det IoU {curve[-1][OBJECTIVE]:.4f}, mean IoU {curve[-1]['val_mean_iou']:.4f}, "
-        f"accuracy {curve[-1]['val_accuracy']:.4f}")
+        + validation_figures(curve[-1]))
     return FinalRun(candidate=candidate, seed=seed, params=params, state=state, curve=curve,
                     seconds=time.perf_counter() - started, placement=placement, init_epoch=init_epoch,
                     checkpoint_lr=checkpoint_lr(warm) if warm else None)
@@ -475,9 +474,13 @@ def final_worker(loop_config: dict[str, Any]) -> None:
 def epoch_line(name: str, metrics: dict[str, Any], planned: int) -> str:
     """A final run's progress after each epoch, logged by its rank 0 (the driver shows workers'
     output unless --quiet): the run's only sign of life for minutes at a time."""
-    return (f"final: {name}: epoch {metrics['epoch']:g} of {planned}: validation det IoU {metrics[OBJECTIVE]:.4f}, "
-            f"mean IoU {metrics['val_mean_iou']:.4f}, accuracy {metrics['val_accuracy']:.4f}; "
+    return (f"final: {name}: epoch {metrics['epoch']:g} of {planned}: {validation_figures(metrics)}; "
             f"{metrics['report_seconds']:.0f} s this epoch")
+
+
+def validation_figures(metrics: dict[str, Any]) -> str:
+    return (f"validation det IoU {metrics[OBJECTIVE]:.4f}, mean IoU {metrics['val_mean_iou']:.4f}, "
+            f"accuracy {metrics['val_accuracy']:.4f}")
 
 
 def agree(value: float, device: torch.device, world_size: int) -> float:
