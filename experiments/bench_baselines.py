@@ -62,6 +62,8 @@ def get_args_parser():
                         help="more flags for (a)'s raylocal.tune command, e.g. '--final-init scratch'")
     parser.add_argument("--out", type=Path, help="append one JSON line per run here (and keep raylocal's timed logs "
                         "beside it)")
+    parser.add_argument("--storage", type=Path, help="keep (a)'s search folders and exported models here, e.g. for "
+                        "bench_views.py (default: a temporary folder, removed at the end)")
     return parser
 
 
@@ -82,13 +84,28 @@ class Splits:
         return {key: columns[key] for key in ("image", "box", "label")}
 
 
-def test_metrics(state: dict, params: Hyperparameters, splits: Splits) -> dict[str, float]:
+def trained_model(state: dict, params: Hyperparameters):
     from raylocal.model import build_model
 
     model = build_model(params.model_config())
     model.load_state_dict(state)
+    return model.eval()
+
+
+def test_metrics(state: dict, params: Hyperparameters, splits: Splits) -> dict[str, float]:
     device = torch.device("cpu")
-    return summarize(evaluate(model.eval(), to_tensors(splits.get("test"), device), params, device), "test")
+    model = trained_model(state, params)
+    return summarize(evaluate(model, to_tensors(splits.get("test"), device), params, device), "test")
+
+
+def keep_model(state: dict, row: dict, splits: Splits, folder: Path) -> None:
+    """An in-process method's model exported as (a)'s is, its card with the seed and test size it was scored on."""
+    from raylocal.export import export_model
+
+    card = {"method": row["method"], "data": {"seed": row["seed"], "test_canvases": len(splits.test_labels)},
+            "hyperparameters": row["hyperparameters"], "test": {k: v for k, v in row.items() if k.startswith("test_")}}
+    model = trained_model(state, Hyperparameters.from_dict(row["hyperparameters"]))
+    export_model(model, folder, card, log=lambda line: None)
 
 
 def run_raylocal(args, seed: int, folder: Path) -> dict:
@@ -165,7 +182,8 @@ def run_optuna(args, seed: int, splits: Splits, deadline: float) -> dict:
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     return test_metrics(best["state"], best["params"], splits) | {
-        "trials": len(study.trials), "final_epochs": best["epoch"], "hyperparameters": asdict(best["params"])}
+        "trials": len(study.trials), "final_epochs": best["epoch"], "hyperparameters": asdict(best["params"]),
+        "state": best["state"]}
 
 
 def run_single(args, seed: int, splits: Splits, deadline: float) -> dict:
@@ -193,7 +211,7 @@ def run_single(args, seed: int, splits: Splits, deadline: float) -> dict:
         report=lambda metrics, state: last.update(state=state["model"], epoch=metrics["epoch"]),
         device=torch.device("cpu"), seed=seed, replan=replan)
     return test_metrics(last["state"], params, splits) | {"trials": 1, "final_epochs": last["epoch"],
-                                                          "hyperparameters": asdict(params)}
+                                                          "hyperparameters": asdict(params), "state": last["state"]}
 
 
 def main(args) -> None:
@@ -204,18 +222,23 @@ def main(args) -> None:
     torch.set_num_threads(os.cpu_count())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        storage = args.storage.absolute() if args.storage else Path(tmp)
         for seed in args.seeds:
             splits = Splits(mnist, args, seed)
             for method in args.methods:
                 started = time.time()
                 deadline = started + args.minutes * 60
                 if method == "raylocal":
-                    result = run_raylocal(args, seed, Path(tmp))
+                    result = run_raylocal(args, seed, storage)
                 elif method == "optuna":
                     result = run_optuna(args, seed, splits, deadline)
                 else:
                     result = run_single(args, seed, splits, deadline)
-                row = {"method": method, "seed": seed, "wall_s": round(time.time() - started, 1)} | result
+                wall_s = round(time.time() - started, 1)
+                state = result.pop("state", None)
+                row = {"method": method, "seed": seed, "wall_s": wall_s} | result
+                if args.storage and state is not None:
+                    keep_model(state, row, splits, storage / f"{method}-{seed}" / "best_model")
                 rows.append(row)
                 print(f"{method:<9} seed {seed}: wall {row['wall_s']:6.1f}s  test det IoU {row['test_det_iou']:.4f}  "
                       f"mean IoU {row['test_mean_iou']:.4f}  accuracy {row['test_accuracy']:.4f}  "

@@ -13,7 +13,7 @@ from raylocal.data import SearchData
 from raylocal.engine import evaluate, to_tensors
 from raylocal.export import export_model
 from raylocal.metrics import summarize
-from raylocal.model import build_model
+from raylocal.model import build_model, for_inference
 from raylocal.train import TrialSettings, load_checkpoint_state
 
 TASK = "localize one MNIST digit pasted at a random position on a black 75x75 canvas"
@@ -78,9 +78,11 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
         validation, trial_id, source = final.winner.validation, final.winner.candidate.trial_id, "final"
     started = time.perf_counter()
     device = torch.device("cpu")
-    test = summarize(evaluate(model, to_tensors(data.test.fetch(), device), params, device), "test")
+    # Scored as exported: validation, which ranked the trials, saw the network alone.
+    exported = for_inference(model, plan.views)
+    test = summarize(evaluate(exported, to_tensors(data.test.fetch(), device), params, device), "test")
     log(f"{'final model of trial' if use_final else 'best trial'} {trial_id} epoch {epoch:g}: scored {data.test.rows:,} "
-        f"test canvases in {time.perf_counter() - started:.1f}s")
+        f"test canvases{views_note(plan.views)} in {time.perf_counter() - started:.1f}s")
     summary = {
         "task": TASK,
         "experiment": plan.name,
@@ -91,6 +93,7 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
         "hyperparameters": params.__dict__.copy(),
         "validation": validation,
         "test": test,
+        "test_views": plan.views,
         "data": {
             "source": data.source, "sha256": data.sha256, "verified": data.verified,
             "train_canvases_per_epoch": data.train_epochs[0].rows, "val_canvases": data.val.rows,
@@ -106,8 +109,12 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
         },
         "final": final.card() | {"exported": use_final} if final else None,
     }
-    summary["export_dir"] = str(export_model(model, plan.export_dir, summary, log=log))
+    summary["export_dir"] = str(export_model(model, plan.export_dir, summary, views=plan.views, log=log))
     return summary
+
+
+def views_note(views: int) -> str:
+    return f", each as {views} shifted views averaged" if views > 1 else ""
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -115,7 +122,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     how = "final training" if summary.get("model_from") == "final" else "search checkpoint"
     rows = [("trial", f"{summary['trial_id']} ({how}, epoch {summary['epoch']:g})")]
     rows += [(f"  {key}", f"{value:.4g}" if isinstance(value, float) else str(value)) for key, value in hyper.items()]
-    rows.append(("metric", "validation | test"))
+    views = summary.get("test_views", 1)
+    rows.append(("metric", "validation | test" + (f" ({views} views)" if views > 1 else "")))
     for name in ("det_iou", "mean_iou", "accuracy", "iou50", "iou60", "iou75"):
         val, test = summary["validation"].get(f"val_{name}"), summary["test"][f"test_{name}"]
         rows.append((f"  {name}", f"{val:.4f} | {test:.4f}" if val is not None else f"   -   | {test:.4f}"))

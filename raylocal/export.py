@@ -1,5 +1,9 @@
 """Export stage: write a trained Localizer as torch.export, ONNX and plain weights.
 
+model.pt2 and model.onnx hold what is scored on the test split: the network, or with `views` > 1
+the network averaged over shifted copies of the canvas (`model.ShiftAveraged`); state_dict.pt holds
+the network's weights, and config.json says how many views rebuild the same model from them.
+
 Every artefact is checked against the eager model before the export directory
 appears, and the directory appears in one rename, so a reader never sees half an
 export.
@@ -24,7 +28,7 @@ import torch
 
 from raylocal.config import ModelConfig
 from raylocal.engine import as_batch
-from raylocal.model import NUM_CLASSES, Localizer, build_model
+from raylocal.model import NUM_CLASSES, SHIFTS, Localizer, build_model, for_inference
 from raylocal.synthesis import CANVAS
 
 EXPORT_FILES = ("model.pt2", "model.onnx", "state_dict.pt", "config.json", "model_card.json")
@@ -46,10 +50,11 @@ def export_model(
     card: dict,
     *,
     overwrite: bool = False,
+    views: int = 1,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write EXPORT_FILES to export_dir, all checked against the eager model, and
-    return its path. A non-empty export_dir is replaced only with overwrite=True.
+    """Write EXPORT_FILES to export_dir, all checked against the eager model (`for_inference(model,
+    views)`), and return its path. A non-empty export_dir is replaced only with overwrite=True.
     Raises ExportError, or whatever failed mid-export, leaving export_dir as it was.
     """
     export_dir = Path(export_dir).absolute()
@@ -69,7 +74,7 @@ def export_model(
         # mkdtemp makes the directory 0700, which would hide the export from other
         # users (a serving container, say) once it is renamed into place.
         tmp.chmod(0o755)
-        _write_export(model, tmp, card, log)
+        _write_export(model, tmp, card, views, log)
         _move_into_place(tmp, export_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,12 +104,14 @@ def run_program(program: torch.nn.Module, canvases: torch.Tensor) -> tuple[torch
         return program(as_batch(canvases))
 
 
-def load_state_dict_model(export_dir: str | os.PathLike) -> Localizer:
+def load_state_dict_model(export_dir: str | os.PathLike) -> torch.nn.Module:
+    """The exported model rebuilt from config.json and state_dict.pt: model.pt2's model in eager form."""
     export_dir = Path(export_dir)
     config = json.loads((export_dir / "config.json").read_text())
     model = build_model(ModelConfig.from_saved(config["model"]))
     model.load_state_dict(torch.load(export_dir / "state_dict.pt", weights_only=True))
-    return model.eval()
+    # Exports from before the views were one view.
+    return for_inference(model, config.get("test_time", {}).get("views", 1)).eval()
 
 
 def onnx_session(export_dir: str | os.PathLike) -> onnxruntime.InferenceSession:
@@ -112,12 +119,12 @@ def onnx_session(export_dir: str | os.PathLike) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _write_export(model: Localizer, out: Path, card: dict, log: Callable[[str], None]) -> None:
+def _write_export(model: Localizer, out: Path, card: dict, views: int, log: Callable[[str], None]) -> None:
     # Rebuilding from config + weights, instead of deep-copying, leaves the caller's
     # model (device, train mode) alone and proves config.json + state_dict.pt suffice.
-    eager = build_model(model.config)
-    eager.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    eager.eval()
+    network = build_model(model.config)
+    network.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    eager = for_inference(network, views).eval()
     example = (_canvases(TRACE_BATCH, seed=0),)
     # Positional, so a rename of forward()'s argument cannot break the export.
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
@@ -140,11 +147,12 @@ def _write_export(model: Localizer, out: Path, card: dict, log: Callable[[str], 
     _check("model.onnx", eager, lambda x: session.run(None, {"images": x.numpy()}))
     _wrote(out / "model.onnx", log)
 
-    torch.save(eager.state_dict(), out / "state_dict.pt")
+    torch.save(network.state_dict(), out / "state_dict.pt")
     _wrote(out / "state_dict.pt", log)
 
     _write_json(out / "config.json", {
-        "model": eager.config.to_dict(),
+        "model": network.config.to_dict(),
+        "test_time": _test_time(views),
         "input": {"shape": ["N", 1, CANVAS, CANVAS], "dtype": "float32", "range": [0, 1]},
         "outputs": {
             "logits": ["N", NUM_CLASSES],
@@ -169,7 +177,19 @@ def _write_export(model: Localizer, out: Path, card: dict, log: Callable[[str], 
         raise ExportError(f"export wrote {found}, expected {sorted(EXPORT_FILES)}")
 
 
-def _check(label: str, eager: Localizer, run: Callable[[torch.Tensor], Sequence]) -> None:
+def _test_time(views: int) -> dict:
+    """How model.pt2 and model.onnx use the network (raylocal.model.ShiftAveraged)."""
+    if views == 1:
+        return {"views": 1, "logits": "the network's", "boxes": "the network's"}
+    return {
+        "views": views,
+        "shifts_dx_dy": [list(shift) for shift in SHIFTS[:views]],
+        "logits": "log of the mean over the views of softmax(the network's logits): softmax and argmax read as for logits",
+        "boxes": "mean over the views of the network's box, each moved back by its view's shift, clamped to [0,1]",
+    }
+
+
+def _check(label: str, eager: torch.nn.Module, run: Callable[[torch.Tensor], Sequence]) -> None:
     for batch in CHECK_BATCHES:
         images = _canvases(batch, seed=batch)
         with torch.no_grad():

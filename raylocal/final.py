@@ -38,6 +38,10 @@ DDP_EFFICIENCY = 0.8
 # finish took 31-32 s of which 16-18 s scored the test split), see experiments/RESULTS.md.
 START_SECONDS = 40
 FINISH_SECONDS = 40
+# What each view beyond the first (`model.ShiftAveraged`) adds to the finish: one more pass over
+# the 10k test canvases, 8 s on a fast day (experiments/RESULTS.md, "Averaging shifted views"),
+# as long as the slow days' single pass above.
+VIEW_SECONDS = 17
 # The search's share of the time a budget leaves to train (`--search-share`); the final phase
 # gets the rest. 19 minutes on 2 slow cores: a fifth gave test det IoU 0.9537 and 0.9575 (seeds 0
 # and 1) against 0.9518 and 0.9542 at 0.45 (experiments/RESULTS.md). On this workload the search's
@@ -75,6 +79,11 @@ class FinalSettings:
             raise ConfigError(f"--final-lr-scale must be in (0, 10], got {self.lr_scale:g}")
 
 
+def finish_seconds(views: int) -> float:
+    """What a time budget keeps for the end of the command when the test split is scored with `views`."""
+    return FINISH_SECONDS + (views - 1) * VIEW_SECONDS
+
+
 @dataclass(frozen=True)
 class TimeBudget:
     """A bound on the whole command, counted from `started` (time.time(), so that Ray Train's
@@ -84,11 +93,12 @@ class TimeBudget:
     started: float
     final: bool = True  # False: no final phase, the search may use all of it
     share: float = SEARCH_SHARE  # the search's share of the time left to train
+    finish: float = FINISH_SECONDS  # kept at the end to score and export (`finish_seconds`)
 
     @property
     def deadline(self) -> float:
         """When training must have ended, leaving time to score and export."""
-        return self.started + self.seconds - FINISH_SECONDS
+        return self.started + self.seconds - self.finish
 
     def search_seconds(self) -> float:
         """The search's share of the time that can still train: what is left before the deadline
@@ -109,15 +119,16 @@ class TimeBudget:
         return not self.final or left - START_SECONDS <= START_SECONDS
 
     @classmethod
-    def for_command(cls, minutes: float, started: float, final: bool, share: float = SEARCH_SHARE) -> TimeBudget:
-        return cls(minutes * 60, started, final, share)
+    def for_command(cls, minutes: float, started: float, final: bool, share: float = SEARCH_SHARE,
+                    views: int = 1) -> TimeBudget:
+        return cls(minutes * 60, started, final, share, finish_seconds(views))
 
     def describe(self, search_seconds: float) -> str:
         minutes = self.seconds / 60
         takes_all = not self.leaves_final_phase()
         no_room = " (no room for a final phase)" if self.final else ""
-        rest = (f"then {FINISH_SECONDS} s for scoring and export{no_room}" if takes_all
-                else f"the final phase gets what is left less {FINISH_SECONDS} s for scoring and export")
+        rest = (f"then {self.finish:g} s for scoring and export{no_room}" if takes_all
+                else f"the final phase gets what is left less {self.finish:g} s for scoring and export")
         share = "" if takes_all else f" ({self.share:.0%} of the time left to train)"
         return (f"time budget: {minutes:g} min for the whole command: the search stops starting and running trials "
                 f"{search_seconds / 60:.1f} min from now{share}, {rest}")

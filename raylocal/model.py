@@ -8,8 +8,11 @@ numbers from the flattened trunk, as every model before it did.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from raylocal.config import ModelConfig
 from raylocal.synthesis import CANVAS
@@ -19,6 +22,9 @@ NUM_CLASSES = 10
 # epochs (seeds 0 and 1) validation mean IoU was 0.9481 against 0.9338 for the flatten head; the
 # first block's 37x37 heatmap did no better (experiments/RESULTS.md, "The box from a heatmap").
 HEATMAP_BLOCK = 2
+# What `ShiftAveraged` looks at: the canvas as it is and moved one pixel right, left, down and up,
+# as (dx, dy). Each move shows the trunk's stride-2 pools another alignment of the digit.
+SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
 def block_widths(config: ModelConfig) -> list[int]:
@@ -107,5 +113,47 @@ class Localizer(nn.Module):
         return logits, boxes
 
 
+class ShiftAveraged(nn.Module):
+    """A Localizer's answer averaged over copies of the canvas moved by whole pixels (`shifts`,
+    (dx, dy) each; what moves in is black): the digit's probabilities averaged, returned as their
+    logarithm, so softmax and argmax read them as they read logits; each box moved back by its
+    shift, then averaged. Same inputs and outputs as the Localizer, `len(shifts)` times the work."""
+
+    def __init__(self, model: Localizer, shifts: tuple[tuple[int, int], ...] = SHIFTS):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.shifts = tuple(shifts)
+        self.margin = max(abs(step) for shift in self.shifts for step in shift)
+        moves = torch.tensor([[dx, dy, dx, dy] for dx, dy in self.shifts], dtype=torch.float32) / CANVAS
+        self.register_buffer("moves", moves, persistent=False)
+
+    def moved(self, images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+        m = self.margin
+        height, width = images.shape[2:]
+        return F.pad(images, (m, m, m, m))[:, :, m - dy : m - dy + height, m - dx : m - dx + width]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, boxes = [], []
+        # One view at a time: the memory of a single forward, for the same work.
+        for (dx, dy), move in zip(self.shifts, self.moves):
+            logits, box = self.model(self.moved(images, dx, dy))
+            log_probs.append(logits.float().log_softmax(dim=1))
+            boxes.append(box.float() - move)
+        # log(mean of probabilities), without the -inf a probability rounded to 0 would give.
+        log_mean = torch.stack(log_probs).logsumexp(dim=0) - math.log(len(self.shifts))
+        return log_mean, torch.stack(boxes).mean(dim=0).clamp(0.0, 1.0)
+
+
 def build_model(config: ModelConfig) -> Localizer:
     return Localizer(config)
+
+
+def for_inference(model: Localizer, views: int) -> nn.Module:
+    """What is scored on the test split and exported: the model itself (`views` 1), or
+    `ShiftAveraged` over the first `views` of SHIFTS."""
+    if views == 1:
+        return model
+    if not 1 < views <= len(SHIFTS):
+        raise ValueError(f"views must be 1 to {len(SHIFTS)}, got {views}")
+    return ShiftAveraged(model, SHIFTS[:views])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from raylocal.mnist import write_idx_files
 
 TINY_TRAIN, TINY_TEST = 1200, 200
 _SAVED_ENV: dict[str, str | None] = {}
+_SAVED_TEMPDIR: list[str | None] = []
+_SESSION_TEMP: list[str] = []
+SESSION_FAILED = pytest.StashKey[bool]()
 # Every process the tests start inherits this mark, so the session can find what it left behind.
 SESSION_MARK = "RAYLOCAL_TEST_SESSION"
 
@@ -32,10 +37,25 @@ def pytest_configure(config):
     # Token authentication too, with a token of the session's own: Ray reads its mode when it
     # starts, so the session's processes and the clusters they start must agree from the first.
     session_env = {LOOPBACK_SWITCH: "0", SESSION_MARK: str(os.getpid()), "RAY_AUTH_MODE": "token",
-                   "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+                   "RAY_AUTH_TOKEN": secrets.token_hex(32), **session_temp_env()}
     for key, value in session_env.items():
         _SAVED_ENV[key] = os.environ.get(key)
         os.environ[key] = value
+    _SAVED_TEMPDIR.append(tempfile.tempdir)
+    tempfile.tempdir = None  # gettempdir() caches its answer: ask it again under the new TMPDIR
+
+
+def session_temp_env() -> dict[str, str]:
+    """A temporary folder of the session's own for every process the tests start (pytest's
+    tmp_path folders too), removed when the session passes. A process killed mid-way cannot
+    remove its temporary files: a search's trial killed while it reported left its 2.3 MB
+    checkpoint in /tmp, and Ray's workers killed at shutdown their multiprocessing folders
+    (16 pymp-* folders after one suite). Ray's own session folders stay where Ray puts them
+    (RAY_TMPDIR, which Ray reads first, set to the folder it would have used): they hold its
+    Unix sockets, whose paths may not pass 107 characters."""
+    ray_temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    _SESSION_TEMP.append(tempfile.mkdtemp(prefix="raylocal-tests-"))
+    return {"TMPDIR": _SESSION_TEMP[0], "RAY_TMPDIR": ray_temp}
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -77,6 +97,7 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nERROR: the tests left {len(left)} process(es) running (now killed):\n  " + "\n  ".join(names),
               file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.config.stash[SESSION_FAILED] = session.exitstatus != 0
 
 
 def pytest_unconfigure(config):
@@ -85,6 +106,13 @@ def pytest_unconfigure(config):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    tempfile.tempdir = _SAVED_TEMPDIR[0] if _SAVED_TEMPDIR else None
+    for folder in _SESSION_TEMP:
+        # Kept when the session failed: the failed tests' tmp_path folders are in it.
+        if config.stash.get(SESSION_FAILED, True):
+            print(f"\nthe session's temporary folder is kept for a look: {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 

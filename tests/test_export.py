@@ -20,7 +20,7 @@ from raylocal.export import (
     load_state_dict_model,
     onnx_session,
 )
-from raylocal.model import Localizer
+from raylocal.model import SHIFTS, Localizer, ShiftAveraged
 
 CARD = {"trial": "abc123", "metrics": {"accuracy": 0.5, "mean_iou": 0.25}}
 
@@ -99,6 +99,30 @@ def test_model_card(exported):
     assert card["exported_at"].endswith("+00:00")
 
 
+@pytest.fixture(scope="module")
+def exported_views(tmp_path_factory) -> SimpleNamespace:
+    model = tiny_model()
+    path = export_model(model, tmp_path_factory.mktemp("exports") / "views", CARD, views=len(SHIFTS), log=print)
+    return SimpleNamespace(model=ShiftAveraged(tiny_model()), path=path)
+
+
+def test_an_export_with_views_runs_the_shift_average_in_every_format(exported_views):
+    path, images = exported_views.path, canvases(4)
+    want_logits, want_boxes = eager_outputs(exported_views.model, images)
+    with torch.no_grad():
+        program = [t.numpy() for t in load_program(path)(images)]
+    onnx_outputs = onnx_session(path).run(["logits", "boxes"], {"images": images.numpy()})
+    rebuilt = load_state_dict_model(path)
+    assert isinstance(rebuilt, ShiftAveraged) and rebuilt.shifts == SHIFTS
+    for got_logits, got_boxes in (program, onnx_outputs, eager_outputs(rebuilt, images)):
+        np.testing.assert_allclose(got_logits, want_logits, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got_boxes, want_boxes, atol=1e-4, rtol=0)
+    # The weights are the network's own, loadable without raylocal's wrapper.
+    assert torch.load(path / "state_dict.pt").keys() == tiny_model().state_dict().keys()
+    test_time = json.loads((path / "config.json").read_text())["test_time"]
+    assert test_time["views"] == len(SHIFTS) and test_time["shifts_dx_dy"] == [list(s) for s in SHIFTS]
+
+
 def test_existing_export_needs_overwrite(tmp_path):
     target = tmp_path / "run"
     export_model(tiny_model(), target, {"attempt": 1}, log=lambda _: None)
@@ -172,9 +196,10 @@ def test_an_export_from_before_box_head_loads_as_the_flatten_model_it_holds(tmp_
     path = export_model(old, tmp_path / "old", CARD, log=print)
     config = json.loads((path / "config.json").read_text())
     del config["model"]["box_head"]  # as exports before the field wrote it
+    del config["test_time"]  # and before the views
     (path / "config.json").write_text(json.dumps(config))
     rebuilt = load_state_dict_model(path)
-    assert rebuilt.config.box_head == "flatten"
+    assert isinstance(rebuilt, Localizer) and rebuilt.config.box_head == "flatten"
     images = canvases(2)
     for want, got in zip(eager_outputs(old, images), eager_outputs(rebuilt, images)):
         np.testing.assert_array_equal(got, want)

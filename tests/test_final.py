@@ -23,6 +23,7 @@ from raylocal.final import (
     Candidate,
     FinalRun,
     FinalSettings,
+    VIEW_SECONDS,
     TimeBudget,
     candidates,
     checkpoint_lr,
@@ -103,6 +104,14 @@ def test_the_search_gets_its_share_of_the_time_left_to_train():
     half = TimeBudget(seconds=1000 + FINISH_SECONDS, started=time.time() - 100, share=0.5)
     assert half.search_seconds() == pytest.approx(0.5 * (900 - START_SECONDS), abs=2)
     assert "(50% of the time left to train)" in half.describe(half.search_seconds())
+
+
+def test_a_budget_keeps_one_more_test_pass_per_extra_view_for_the_end():
+    now = time.time()
+    one, five = (TimeBudget.for_command(10, now, final=True, views=views) for views in (1, 5))
+    assert one.deadline == now + 600 - FINISH_SECONDS
+    assert five.deadline == pytest.approx(one.deadline - 4 * VIEW_SECONDS)
+    assert f"less {FINISH_SECONDS + 4 * VIEW_SECONDS:g} s for scoring and export" in five.describe(five.search_seconds())
 
 
 def run(trial_id: str, seed: int, score: float) -> FinalRun:

@@ -6,7 +6,7 @@ import torch
 
 from raylocal.config import ConfigError, ModelConfig
 from raylocal.metrics import localization_loss
-from raylocal.model import NUM_CLASSES, Localizer, block_widths, build_model
+from raylocal.model import NUM_CLASSES, SHIFTS, Localizer, ShiftAveraged, block_widths, build_model, for_inference
 from raylocal.synthesis import CANVAS, DIGIT, synthesize
 
 
@@ -197,3 +197,78 @@ def test_a_checkpoint_from_before_box_head_loads_as_the_model_it_trained(tmp_pat
     assert loaded == params and epoch == 1.0 and not hasattr(model, "heatmap")
     with torch.no_grad():
         torch.testing.assert_close(model(canvases(2)), old.eval()(canvases(2)))
+
+
+class InkBox(torch.nn.Module):
+    """Knows where the ink is, exactly: the box of the pixels above 0, and the column of the
+    leftmost ink as its 'digit' (so the logits move with a shift, as a real network's may)."""
+
+    config = None
+
+    def forward(self, images):
+        ink = images[:, 0] > 0
+        columns, rows = ink.any(dim=1).float(), ink.any(dim=2).float()
+        index = torch.arange(CANVAS, dtype=torch.float32)
+        first = lambda seen: (seen * (CANVAS - index)).argmax(dim=1).float()
+        last = lambda seen: (seen * (index + 1)).argmax(dim=1).float()
+        boxes = torch.stack([first(columns), first(rows), last(columns) + 1, last(rows) + 1], dim=1) / CANVAS
+        logits = torch.nn.functional.one_hot(first(columns).long() % NUM_CLASSES, NUM_CLASSES).float() * 5
+        return logits, boxes
+
+
+def one_digit(x: int, y: int) -> torch.Tensor:
+    images = torch.zeros(1, 1, CANVAS, CANVAS)
+    images[0, 0, y : y + DIGIT, x : x + DIGIT] = torch.rand(DIGIT, DIGIT, generator=torch.Generator().manual_seed(0)) + 0.1
+    return images
+
+
+@pytest.mark.parametrize("dx, dy", SHIFTS)
+def test_a_view_moves_the_canvas_by_its_shift_and_fills_with_black(dx, dy):
+    images = canvases(2)
+    moved = ShiftAveraged(tiny_model()).moved(images, dx, dy)
+    assert moved.shape == images.shape
+    torch.testing.assert_close(moved, torch.roll(images, shifts=(dy, dx), dims=(2, 3)) * (moved != 0))
+    assert int((moved == 0).sum()) == 2 * CANVAS * (abs(dx) + abs(dy))
+
+
+@pytest.mark.parametrize("x, y", [(10, 20), (0, 0), (CANVAS - DIGIT, CANVAS - DIGIT)])
+def test_each_view_s_box_is_moved_back_by_its_shift(x, y):
+    images = one_digit(x, y)
+    _, boxes = ShiftAveraged(InkBox())(images)
+    # Where no ink is pushed off the canvas, every view finds the same box once moved back.
+    expected = torch.tensor([[x, y, x + DIGIT, y + DIGIT]], dtype=torch.float32) / CANVAS
+    if 0 < x < CANVAS - DIGIT:
+        torch.testing.assert_close(boxes, expected)
+    else:
+        assert (boxes - expected).abs().max() < 1 / CANVAS
+
+
+def test_the_digit_probabilities_are_the_mean_over_the_views():
+    model = tiny_model().eval()
+    images = canvases(3)
+    averaged = ShiftAveraged(model)
+    with torch.no_grad():
+        logits, _ = averaged(images)
+        views = [model(averaged.moved(images, dx, dy))[0].softmax(dim=1) for dx, dy in SHIFTS]
+    torch.testing.assert_close(logits.softmax(dim=1), torch.stack(views).mean(dim=0))
+    torch.testing.assert_close(logits.exp().sum(dim=1), torch.ones(3))
+
+
+def test_one_view_is_the_network_itself_and_five_views_average():
+    model = tiny_model()
+    assert for_inference(model, 1) is model
+    averaged = for_inference(model, 5)
+    assert isinstance(averaged, ShiftAveraged) and averaged.shifts == SHIFTS and averaged.config == model.config
+    for views in (0, len(SHIFTS) + 1):
+        with pytest.raises(ValueError, match="views"):
+            for_inference(model, views)
+
+
+def test_certain_answers_give_finite_log_probabilities():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.arange(NUM_CLASSES) * 1000.0)
+        logits, boxes = ShiftAveraged(model)(canvases(2))
+    assert torch.isfinite(logits).all()
+    assert logits.argmax(dim=1).tolist() == [NUM_CLASSES - 1] * 2
+    assert_well_formed(boxes)

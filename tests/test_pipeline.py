@@ -94,6 +94,19 @@ def test_smoke_search_exports_a_loadable_model(ray_session, tmp_path, tiny_mnist
     assert (tmp_path / "results" / "toy" / "report" / "report.md").is_file()
     check_tensorboard_and_mlflow(trial_dirs, mlflow_uri)
     check_final_phase(card, cluster_nodes)
+    check_test_score_is_the_artefact_s(tmp_path / "export", tiny_mnist_dir, card)
+
+
+def check_test_score_is_the_artefact_s(export_dir, data_dir, card: dict) -> None:
+    """The card's test figures are model.pt2's: by default the network averaged over 5 shifted views."""
+    from raylocal import evaluate
+
+    assert card["test_views"] == 5
+    assert json.loads((export_dir / "config.json").read_text())["test_time"]["views"] == 5
+    args = evaluate.get_args_parser().parse_args([str(export_dir), "--data-dir", str(data_dir), "--unverified-data"])
+    scored = evaluate.main(args, log=lambda line: None)["metrics"]
+    for name in ("det_iou", "mean_iou", "accuracy"):
+        assert scored[f"test_{name}"] == pytest.approx(card["test"][f"test_{name}"], abs=1e-4)
 
 
 def check_final_phase(card: dict, cluster_nodes: set[str]) -> None:

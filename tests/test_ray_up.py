@@ -117,8 +117,9 @@ def sshd_config(work: Path, key: Path) -> str:
 
 @pytest.fixture
 def work():
-    # Short: Ray's unix sockets live under RAY_TMPDIR, and their paths may not exceed 107 bytes.
-    folder = Path(tempfile.mkdtemp(prefix="rlup"))
+    # Short: Ray's unix sockets live under RAY_TMPDIR, and their paths may not exceed 107 bytes. So
+    # beside Ray's own session folders (conftest pins RAY_TMPDIR there), not in the test session's.
+    folder = Path(tempfile.mkdtemp(prefix="rlup", dir=os.environ.get("RAY_TMPDIR")))
     # Ray's SSH runner keeps its control sockets in /tmp/ray_ssh_<user>/<cluster>: remove what it adds.
     control = set(Path("/tmp").glob("ray_ssh_*")) | set(Path("/tmp").glob("ray_ssh_*/*"))
     try:
