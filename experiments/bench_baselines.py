@@ -13,7 +13,9 @@
 
 Each method gets M minutes for everything it does (data, training, test scoring), per seed;
 the seed moves the data placement, the sampler and the initialization. All three are scored
-on the same 10k test canvases of that seed. Printed: one line per run, then mean and spread.
+on the same 10k test canvases of that seed, as the default command scores its export: averaged
+over `--views` shifted views (`raylocal.model.ShiftAveraged`). Printed: one line per run, then
+mean and spread.
 
     python experiments/bench_baselines.py --minutes 6 --seeds 0 1 2     # ~60 min on 2 cores
     python experiments/bench_baselines.py --minutes 1 --seeds 0 --train-digits 3000 --test-digits 500  # quick
@@ -40,10 +42,12 @@ from raylocal.config import OBJECTIVE, Experiment, Hyperparameters, optuna_space
 from raylocal.engine import evaluate, fit, to_tensors
 from raylocal.final import fit_to_deadline
 from raylocal.metrics import summarize
+from raylocal.model import SHIFTS, for_inference
 from raylocal.synthesis import split_plan, synthesize_split
 
 METHODS = ("raylocal", "optuna", "single")
-# What each in-process method keeps back for scoring the test split at the end.
+# What each in-process method keeps back for scoring the test split at the end, per view (one
+# pass over the 10k test canvases took 8 s on 2 cores; RESULTS.md, "Averaging shifted views").
 SCORING_SECONDS = 10
 # (c)'s configuration: the one picked by hand, not raylocal's defaults since a search (b's) chose those.
 SKEPTIC = Hyperparameters(lr=3e-3, box_loss_weight=0.1)
@@ -62,6 +66,9 @@ def get_args_parser():
                         help="more flags for (a)'s raylocal.tune command, e.g. '--final-init scratch'")
     parser.add_argument("--out", type=Path, help="append one JSON line per run here (and keep raylocal's timed logs "
                         "beside it)")
+    parser.add_argument("--views", type=int, choices=range(1, len(SHIFTS) + 1), default=len(SHIFTS),
+                        help=f"views every method's model is scored with (and (a) exports) (default {len(SHIFTS)}, "
+                        "the command's)")
     parser.add_argument("--storage", type=Path, help="keep (a)'s search folders and exported models here, e.g. for "
                         "bench_views.py (default: a temporary folder, removed at the end)")
     return parser
@@ -92,25 +99,26 @@ def trained_model(state: dict, params: Hyperparameters):
     return model.eval()
 
 
-def test_metrics(state: dict, params: Hyperparameters, splits: Splits) -> dict[str, float]:
+def test_metrics(state: dict, params: Hyperparameters, splits: Splits, views: int) -> dict[str, float]:
     device = torch.device("cpu")
-    model = trained_model(state, params)
+    model = for_inference(trained_model(state, params), views)
     return summarize(evaluate(model, to_tensors(splits.get("test"), device), params, device), "test")
 
 
-def keep_model(state: dict, row: dict, splits: Splits, folder: Path) -> None:
+def keep_model(state: dict, row: dict, splits: Splits, folder: Path, views: int) -> None:
     """An in-process method's model exported as (a)'s is, its card with the seed and test size it was scored on."""
     from raylocal.export import export_model
 
     card = {"method": row["method"], "data": {"seed": row["seed"], "test_canvases": len(splits.test_labels)},
             "hyperparameters": row["hyperparameters"], "test": {k: v for k, v in row.items() if k.startswith("test_")}}
     model = trained_model(state, Hyperparameters.from_dict(row["hyperparameters"]))
-    export_model(model, folder, card, log=lambda line: None)
+    export_model(model, folder, card, views=views, log=lambda line: None)
 
 
 def run_raylocal(args, seed: int, folder: Path) -> dict:
     command = [sys.executable, "-m", "raylocal.tune", "--time-budget", f"{args.minutes:g}", "--seed", str(seed),
-               "--name", f"baseline-{seed}", "--storage", str(folder), "--quiet", *benchlib.data_flags(args),
+               "--name", f"baseline-{seed}", "--storage", str(folder), "--views", str(args.views), "--quiet",
+               *benchlib.data_flags(args),
                *shlex.split(args.raylocal_flags)]
     experiment = None
     if args.train_digits or args.test_digits:
@@ -148,7 +156,7 @@ def run_optuna(args, seed: int, splits: Splits, deadline: float) -> dict:
     best: dict = {"value": -1.0}
 
     def stop() -> bool:
-        return time.time() > deadline - SCORING_SECONDS
+        return time.time() > deadline - SCORING_SECONDS * args.views
 
     def objective(trial) -> float:
         params = Hyperparameters.from_dict(asdict(experiment.fixed) | trial.params)
@@ -181,7 +189,7 @@ def run_optuna(args, seed: int, splits: Splits, deadline: float) -> dict:
             study.tell(trial, objective(trial))
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    return test_metrics(best["state"], best["params"], splits) | {
+    return test_metrics(best["state"], best["params"], splits, args.views) | {
         "trials": len(study.trials), "final_epochs": best["epoch"], "hyperparameters": asdict(best["params"]),
         "state": best["state"]}
 
@@ -201,23 +209,24 @@ def run_single(args, seed: int, splits: Splits, deadline: float) -> dict:
     step_seconds = (times[-1] - times[0]) / 30
     # 5% for the report's bookkeeping; validation costs about a third of a training step per canvas.
     epoch_seconds = (rows // params.batch_size) * step_seconds * 1.05 + len(val["label"]) / params.batch_size * step_seconds / 3
-    epochs = max(1, math.floor((deadline - SCORING_SECONDS - time.time()) / epoch_seconds))
+    scoring = SCORING_SECONDS * args.views
+    epochs = max(1, math.floor((deadline - scoring - time.time()) / epoch_seconds))
     last: dict = {}
     # Re-planned after every epoch, as raylocal's final phase is: a plan from 30 steps alone ran
     # 8% past its deadline (RESULTS.md), which is not equal wall time. No cap: as many as fit.
-    replan = fit_to_deadline(deadline - SCORING_SECONDS, UNCAPPED, torch.device("cpu"), 1)
+    replan = fit_to_deadline(deadline - scoring, UNCAPPED, torch.device("cpu"), 1)
     fit(params, max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1,
         train_data=lambda epoch: first if epoch == 0 else splits.get("train", epoch), val_data=val, train_rows=rows,
         report=lambda metrics, state: last.update(state=state["model"], epoch=metrics["epoch"]),
         device=torch.device("cpu"), seed=seed, replan=replan)
-    return test_metrics(last["state"], params, splits) | {"trials": 1, "final_epochs": last["epoch"],
+    return test_metrics(last["state"], params, splits, args.views) | {"trials": 1, "final_epochs": last["epoch"],
                                                           "hyperparameters": asdict(params), "state": last["state"]}
 
 
 def main(args) -> None:
     benchlib.print_setup("baselines at equal wall time", minutes=args.minutes, seeds=args.seeds, methods=args.methods,
                          train_digits=args.train_digits or "all", test_digits=args.test_digits or "all",
-                         raylocal_flags=args.raylocal_flags or "none")
+                         raylocal_flags=args.raylocal_flags or "none", views=args.views)
     mnist = benchlib.load_digits(args)
     torch.set_num_threads(os.cpu_count())
     rows = []
@@ -236,9 +245,9 @@ def main(args) -> None:
                     result = run_single(args, seed, splits, deadline)
                 wall_s = round(time.time() - started, 1)
                 state = result.pop("state", None)
-                row = {"method": method, "seed": seed, "wall_s": wall_s} | result
+                row = {"method": method, "seed": seed, "wall_s": wall_s, "views": args.views} | result
                 if args.storage and state is not None:
-                    keep_model(state, row, splits, storage / f"{method}-{seed}" / "best_model")
+                    keep_model(state, row, splits, storage / f"{method}-{seed}" / "best_model", args.views)
                 rows.append(row)
                 print(f"{method:<9} seed {seed}: wall {row['wall_s']:6.1f}s  test det IoU {row['test_det_iou']:.4f}  "
                       f"mean IoU {row['test_mean_iou']:.4f}  accuracy {row['test_accuracy']:.4f}  "

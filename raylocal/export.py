@@ -58,6 +58,9 @@ def export_model(
     Raises ExportError, or whatever failed mid-export, leaving export_dir as it was.
     """
     export_dir = Path(export_dir).absolute()
+    if not isinstance(model, Localizer):
+        raise ExportError(f"export_model takes the network (a Localizer), got {type(model).__name__}; "
+                          "the views are the views argument")
     clashes = sorted(set(card) & set(RESERVED_CARD_KEYS))
     if clashes:
         raise ExportError(f"card keys {clashes} are filled in by the export itself")

@@ -240,8 +240,9 @@ def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path)
                   + "."]
         if card.get("test"):
             which = "final training of trial" if card.get("model_from") == "final" else "trial"
+            views = card.get("test_views", 1)
             lines += ["", f"Test split (the export's model_card.json, {which} `{card.get('trial_id')}` epoch "
-                      f"{card.get('epoch')}): " + ", ".join(f"{k.removeprefix('test_')} {v:.4f}"
+                      f"{card.get('epoch')}" + (f", {views} shifted views averaged" if views > 1 else "") + "): " + ", ".join(f"{k.removeprefix('test_')} {v:.4f}"
                                                         for k, v in card["test"].items()) + "."]
     else:
         lines += [f"No trial has reported {OBJECTIVE} yet."]

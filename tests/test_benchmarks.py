@@ -35,8 +35,9 @@ CASES = {
                           rf"ratio 2 nodes x 1 CPU, 2 workers/trial \(DDP across nodes\) / 1 node x 1 CPU, 1 worker/trial: wall {NUMBER}x",
                           r"2 workers/trial \(DDP, 1 GPU each\) .*GPUs 0\+1\)"]),
     # The two in-process baselines, 15 s each (method (a) is the default command, which the
-    # pipeline tests run; its toy version could not fit a search into 15 s).
-    "bench_baselines.py": (["--minutes", "0.25", "--seeds", "0", "--methods", "optuna", "single"],
+    # pipeline tests run; its toy version could not fit a search into 15 s), keeping their models
+    # for bench_views.py, which runs next on them (`check_views_on_the_kept_models`).
+    "bench_baselines.py": (["--minutes", "0.25", "--seeds", "0", "--methods", "optuna", "single", "--storage", "kept"],
                            [rf"optuna    seed 0: wall +{NUMBER}s +test det IoU {NUMBER}",
                             rf"single    seed 0: wall +{NUMBER}s +test det IoU {NUMBER}", r"test_det_iou"]),
     "bench_model.py": (["--epochs", "1", "--seeds", "0", "--train-digits", "1200", "--variant", "base:",
@@ -58,9 +59,24 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_benchmark_runs_and_prints_its_figures(case, tiny_mnist_dir, tmp_path):
     flags, expected = CASES[case]
+    run_and_check(case.split()[0], [*flags], expected, tiny_mnist_dir, tmp_path)
+    if case == "bench_baselines.py":
+        check_views_on_the_kept_models(tiny_mnist_dir, tmp_path)
+
+
+def check_views_on_the_kept_models(tiny_mnist_dir, tmp_path):
+    """bench_views.py on the two models bench_baselines.py kept, as exports with their seed in the card."""
+    exports = sorted(str(path) for path in (tmp_path / "kept").glob("*-0/best_model"))
+    assert len(exports) == 2, exports
+    run_and_check("bench_views.py", [*exports, "--limit", "60", "--views", "1", "3", "5"],
+                  [rf"single-0/best_model +seed 0 +views 5: errors +\d+ +det IoU {NUMBER} .* {NUMBER} ms/1k canvases",
+                   r"3 views minus 1, over 2 model", r"5 views minus 1, over 2 model"], tiny_mnist_dir, tmp_path)
+
+
+def run_and_check(script: str, flags: list[str], expected: list[str], data_dir, cwd) -> None:
     process = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / case.split()[0]), "--data-dir", str(tiny_mnist_dir), "--unverified-data", *flags],
-        cwd=tmp_path, capture_output=True, text=True, timeout=400,
+        [sys.executable, str(EXPERIMENTS / script), "--data-dir", str(data_dir), "--unverified-data", *flags],
+        cwd=cwd, capture_output=True, text=True, timeout=400,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     for pattern in expected:

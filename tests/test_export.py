@@ -123,6 +123,12 @@ def test_an_export_with_views_runs_the_shift_average_in_every_format(exported_vi
     assert test_time["views"] == len(SHIFTS) and test_time["shifts_dx_dy"] == [list(s) for s in SHIFTS]
 
 
+def test_the_wrapper_is_refused_with_the_argument_to_use(tmp_path):
+    with pytest.raises(ExportError, match="views argument"):
+        export_model(ShiftAveraged(tiny_model()), tmp_path / "run", CARD, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_export_needs_overwrite(tmp_path):
     target = tmp_path / "run"
     export_model(tiny_model(), target, {"attempt": 1}, log=lambda _: None)

@@ -243,6 +243,14 @@ def test_each_view_s_box_is_moved_back_by_its_shift(x, y):
         assert (boxes - expected).abs().max() < 1 / CANVAS
 
 
+@pytest.mark.parametrize("shift", SHIFTS[1:])
+def test_a_single_moved_view_gives_the_box_where_the_digit_is(shift):
+    # One view alone: the moved-back box must be exact, which a symmetric set's average would hide.
+    images = one_digit(20, 30)
+    _, boxes = ShiftAveraged(InkBox(), (shift,))(images)
+    torch.testing.assert_close(boxes, torch.tensor([[20, 30, 20 + DIGIT, 30 + DIGIT]], dtype=torch.float32) / CANVAS)
+
+
 def test_the_digit_probabilities_are_the_mean_over_the_views():
     model = tiny_model().eval()
     images = canvases(3)
