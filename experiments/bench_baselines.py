@@ -18,7 +18,7 @@ over `--views` shifted views (`raylocal.model.ShiftAveraged`). Printed: one line
 mean and spread.
 
     python experiments/bench_baselines.py --minutes 6 --seeds 0 1 2     # ~60 min on 2 cores
-    python experiments/bench_baselines.py --minutes 1 --seeds 0 --train-digits 3000 --test-digits 500  # quick
+    python experiments/bench_baselines.py --minutes 1 --seeds 0 --train-digits 3000 --test-digits 500 --views 1  # quick
 """
 
 from __future__ import annotations
@@ -189,6 +189,10 @@ def run_optuna(args, seed: int, splits: Splits, deadline: float) -> dict:
             study.tell(trial, objective(trial))
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    if "state" not in best:
+        raise SystemExit(f"optuna seed {seed}: no trial reported within {args.minutes:g} min less the "
+                         f"{SCORING_SECONDS * args.views} s kept to score {args.views} view(s): "
+                         "give more --minutes or fewer --views")
     return test_metrics(best["state"], best["params"], splits, args.views) | {
         "trials": len(study.trials), "final_epochs": best["epoch"], "hyperparameters": asdict(best["params"]),
         "state": best["state"]}

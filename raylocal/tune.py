@@ -26,8 +26,10 @@ from raylocal.final import (
     FINAL_LR_SCALE,
     MAX_FINAL_EPOCHS,
     SEARCH_SHARE,
+    START_SECONDS,
     FinalSettings,
     TimeBudget,
+    finish_seconds,
 )
 from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU
 from raylocal.model import SHIFTS
@@ -181,6 +183,17 @@ def resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, Experiment]:
     return argparse.Namespace(**merged), experiment
 
 
+def check_room_to_train(minutes: float | None, views: int) -> None:
+    """A budget must outlast what the command keeps at its end and a trial's start-up, or the search
+    would stop before any trial reported and the command fail after minutes of work."""
+    least = finish_seconds(views) + START_SECONDS
+    if minutes and minutes * 60 <= least:
+        raise ConfigError(f"--time-budget {minutes:g} min leaves no time to train: the command keeps "
+                          f"{finish_seconds(views):g} s at its end to score the test split with {views} view(s) and "
+                          f"export, and a trial takes about {START_SECONDS} s to start; give more than "
+                          f"{least / 60:.1f} min, or fewer --views")
+
+
 def build_plan(args: argparse.Namespace) -> Plan:
     experiment = load_experiment(args.experiment) if args.experiment else Experiment()
     if args.smoke_test:
@@ -203,6 +216,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if args.time_budget is not None and args.time_budget < 0:
         raise ConfigError(f"--time-budget must be >= 0 minutes, got {args.time_budget:g}")
     budget = DEFAULT_BUDGET_MINUTES if args.time_budget is None and not args.smoke_test else args.time_budget
+    check_room_to_train(budget, args.views)
     if not 0 < args.search_share < 1:
         raise ConfigError(f"--search-share must be between 0 and 1, got {args.search_share:g}")
     final_epochs = args.final_epochs if args.final_epochs is not None else (1 if args.smoke_test else None)

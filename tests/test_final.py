@@ -169,6 +169,7 @@ def test_final_flags_and_default_budget():
     smoke = build_plan(parse(["--smoke-test"]))
     assert smoke.budget_minutes is None and smoke.final.epochs == 1
     assert build_plan(parse(["--time-budget", "0"])).budget_minutes is None
+    assert build_plan(parse(["--time-budget", "1.6", "--views", "1"])).budget_minutes == 1.6  # 80 s kept
     assert plan.search_share == SEARCH_SHARE and build_plan(parse(["--search-share", "0.5"])).search_share == 0.5
     assert plan.final.init == "checkpoint"
     custom = build_plan(parse(["--final-top-k", "3", "--final-seeds", "2", "--final-epochs", "7", "--no-final",
@@ -182,7 +183,10 @@ def test_final_flags_and_default_budget():
                            (["--final-top-k", "0"], "--final-top-k must be >= 1"),
                            (["--final-seeds", "0"], "--final-seeds must be >= 1"),
                            (["--final-epochs", "0"], "--final-epochs must be >= 1"),
-                           (["--final-lr-scale", "0"], r"--final-lr-scale must be in \(0, 10\]")]:
+                           (["--final-lr-scale", "0"], r"--final-lr-scale must be in \(0, 10\]"),
+                           # 108 s kept to score 5 views and export, 40 s for a trial to start
+                           (["--time-budget", "2.4"], r"--time-budget 2.4 min leaves no time to train: .* 108 s .* "
+                                                      r"5 view\(s\) .* more than 2.5 min, or fewer --views")]:
         with pytest.raises(ConfigError, match=message):
             build_plan(parse(flags))
 
