@@ -61,12 +61,7 @@ def stop_reason(status: str, last_epoch: float, max_epochs: float, decided: bool
 
 def read_search(experiment_dir: str | Path) -> list[TrialRun]:
     """Every trial of the search in `experiment_dir`, in creation order."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        analysis = ExperimentAnalysis(str(experiment_dir))
-    except ValueError as error:
-        raise SearchFolderError(f"{experiment_dir} holds no Tune search: {str(error).splitlines()[0]}") from None
+    analysis = saved_state(experiment_dir)
     frames = analysis.trial_dataframes
     # Tune's saved state does not keep creation order; each trial's tag starts with its index.
     trials = sorted(analysis.trials, key=lambda trial: int(trial.experiment_tag.split("_")[0]))
@@ -75,6 +70,23 @@ def read_search(experiment_dir: str | Path) -> list[TrialRun]:
                  history=frames.get(trial.trial_id, pd.DataFrame()), path=trial.path)
         for number, trial in enumerate(trials, 1)
     ]
+
+
+def latest_checkpoints(experiment_dir: str | Path) -> dict[Path, str]:
+    """Each unfinished trial's folder and the name of its latest checkpoint as Tune's saved state
+    has it: what a resume restores the trial from (trials without a Tune checkpoint left out)."""
+    return {Path(trial.path): Path(trial.checkpoint.path).name for trial in saved_state(experiment_dir).trials
+            if trial.status != "TERMINATED" and trial.checkpoint is not None}
+
+
+def saved_state(experiment_dir: str | Path):
+    """Tune's `ExperimentAnalysis` of the folder: its newest saved state, as a resume reads it."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return ExperimentAnalysis(str(experiment_dir))
+    except ValueError as error:
+        raise SearchFolderError(f"{experiment_dir} holds no Tune search: {str(error).splitlines()[0]}") from None
 
 
 def all_reports(trials: list[TrialRun]) -> pd.DataFrame:

@@ -285,14 +285,38 @@ def search_algorithm(args: argparse.Namespace, plan: Plan):
                         storage=storage, points_to_evaluate=[plan.experiment.start_point()])
 
 
+def recover_replaced_checkpoints(experiment_dir: Path, log=print) -> None:
+    """Give a trial's newest checkpoint the name of the one Tune's saved state restores it from,
+    where that one is gone. Tune keeps a trial's best checkpoints and its latest; registering a
+    newer one deletes the previous latest unless it is among the best, and a driver killed before
+    its next save (every 10 s or more) leaves a state naming the deleted folder: the trial's restore
+    would fail on every retry ("does not exist on storage anymore"). The newer one holds the
+    training since, and the trial continues from it. Local folders only."""
+    from raylocal.results import SearchFolderError, latest_checkpoints
+
+    try:
+        saved = latest_checkpoints(experiment_dir)
+    except SearchFolderError:
+        return  # nothing saved to repair; Tune's restore says what is missing
+    for folder, name in saved.items():
+        newer = sorted(path for path in folder.glob("checkpoint_*") if path.name > name)
+        if (folder / name).exists() or not newer:
+            continue
+        newer[-1].rename(folder / name)
+        log(f"resume: {folder.name}: its saved checkpoint {name} was deleted after Tune's last save; "
+            f"continuing from {newer[-1].name}, the newer one that replaced it")
+
+
 def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_failures: int,
-               time_budget_s: float | None = None, ranks_only: bool = False):
+               time_budget_s: float | None = None, ranks_only: bool = False, log=print):
     """A new Tuner for the plan, or the interrupted one restored from its folder."""
     from ray import tune
 
     from raylocal.stopping import make_scheduler
 
     if plan.resume:
+        if "://" not in plan.experiment_dir:
+            recover_replaced_checkpoints(Path(plan.experiment_dir), log)
         return tune.Tuner.restore(plan.experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
     budget = plan.experiment.budget
     tune_config = tune.TuneConfig(
@@ -386,7 +410,7 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
         log(time_budget.describe(search_seconds))
     ranks_only = filled_rungs(plan, time_budget)
     tuner = make_tuner(args, plan, trainable, layout, settings.max_failures, time_budget_s=search_seconds,
-                       ranks_only=ranks_only)
+                       ranks_only=ranks_only, log=log)
     log(describe_search(plan, ranks_only))
     if not plan.resume:
         write_manifest(args, plan)

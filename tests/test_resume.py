@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -115,6 +116,26 @@ def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.
     pytest.fail("no moment with one trial finished and one running")
 
 
+def lose_the_saved_checkpoint(experiment_dir: Path, trial_folder: str) -> bool:
+    """What Tune does, now and then, to a search killed at the wrong moment, done every time: a
+    newer checkpoint registered after the last save, and the one the saved state names deleted (it
+    was not among the best). False where the state names none (a resume starts the trial again).
+    Inline trials only; a DDP trial resumes from its Train run's checkpoint."""
+    from raylocal.results import latest_checkpoints
+
+    folder = experiment_dir / trial_folder
+    name = latest_checkpoints(experiment_dir).get(folder)
+    if name is None:
+        return False
+    named = folder / name
+    newer = named.with_name(f"checkpoint_{int(name.split('_')[1]) + 1:06d}")
+    if named.exists() and newer.exists():
+        shutil.rmtree(named)
+    elif named.exists():
+        named.rename(newer)
+    return True
+
+
 @pytest.mark.parametrize("workers", [
     pytest.param(1, id="inline"),
     # Trials of two DDP workers, one at a time on the session's two one-CPU nodes: each trial's Train
@@ -136,12 +157,15 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     before, finished, interrupted = wait_for_one_done_and_one_running(experiment_dir, first, max_epochs, workers)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    lost = workers == 1 and lose_the_saved_checkpoint(experiment_dir, interrupted)
     # What Tune had saved when it died is what the resumed search starts from.
     before = results_by_trial(experiment_dir)
 
     second = search(start_search, tmp_path, ray_session.address, "--resume")
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output
+    if lost:
+        assert f"resume: {interrupted}: its saved checkpoint" in output, output
 
     # A trial started just before the kill but not yet in Tune's saved state leaves an empty
     # folder; the resumed searcher starts that configuration again as a new trial.
