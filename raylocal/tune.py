@@ -186,10 +186,11 @@ def resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, Experiment]:
 def check_room_to_train(minutes: float | None, views: int) -> None:
     """A budget must outlast what the command keeps at its end and a trial's start-up, or the search
     would stop before any trial reported and the command fail after minutes of work."""
-    least = finish_seconds(views) + START_SECONDS
+    finish = finish_seconds(views)
+    least = finish + START_SECONDS
     if minutes and minutes * 60 <= least:
         raise ConfigError(f"--time-budget {minutes:g} min leaves no time to train: the command keeps "
-                          f"{finish_seconds(views):g} s at its end to score the test split with {views} view(s) and "
+                          f"{finish:g} s at its end to score the test split with {views} view(s) and "
                           f"export, and a trial takes about {START_SECONDS} s to start; give more than "
                           f"{least / 60:.1f} min, or fewer --views")
 
@@ -285,7 +286,7 @@ def search_algorithm(args: argparse.Namespace, plan: Plan):
                         storage=storage, points_to_evaluate=[plan.experiment.start_point()])
 
 
-def recover_replaced_checkpoints(experiment_dir: Path, log=print) -> None:
+def recover_replaced_checkpoints(experiment_dir: str, log=print) -> None:
     """Give a trial's newest checkpoint the name of the one Tune's saved state restores it from,
     where that one is gone. Tune keeps a trial's best checkpoints and its latest; registering a
     newer one deletes the previous latest unless it is among the best, and a driver killed before
@@ -294,6 +295,8 @@ def recover_replaced_checkpoints(experiment_dir: Path, log=print) -> None:
     training since, and the trial continues from it. Local folders only."""
     from raylocal.results import SearchFolderError, latest_checkpoints
 
+    if "://" in experiment_dir:
+        return
     try:
         saved = latest_checkpoints(experiment_dir)
     except SearchFolderError:
@@ -315,8 +318,7 @@ def make_tuner(args: argparse.Namespace, plan: Plan, trainable, layout, max_fail
     from raylocal.stopping import make_scheduler
 
     if plan.resume:
-        if "://" not in plan.experiment_dir:
-            recover_replaced_checkpoints(Path(plan.experiment_dir), log)
+        recover_replaced_checkpoints(plan.experiment_dir, log)
         return tune.Tuner.restore(plan.experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
     budget = plan.experiment.budget
     tune_config = tune.TuneConfig(
