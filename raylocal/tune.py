@@ -164,11 +164,13 @@ def resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, Experiment]:
     manifest = json.loads((folder / MANIFEST).read_text())
     saved = manifest["flags"]
     defaults = get_args_parser().parse_args([])
+    # Flags newer than the manifest take the value that means what the search ran with.
+    kept = {key: saved.get(key, BEFORE_THE_FLAG.get(key, getattr(defaults, key))) for key in SEARCH_FLAGS}
     for key in SEARCH_FLAGS:
         given = getattr(args, key)
-        if key != "experiment" and given != getattr(defaults, key) and str(given) != str(saved.get(key)):
+        if key != "experiment" and given != getattr(defaults, key) and str(given) != str(kept[key]):
             raise ConfigError(f"--{key.replace('_', '-')} {given} differs from the search being resumed "
-                              f"({saved.get(key)}); a resumed search keeps its own settings")
+                              f"({kept[key]}); a resumed search keeps its own settings")
     described = manifest["experiment"]
     if args.experiment and load_experiment(args.experiment).describe() | {"name": described.get("name")} != described:
         raise ConfigError(f"{args.experiment} is a different search space than the search being resumed")
@@ -176,8 +178,7 @@ def resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, Experiment]:
         experiment = Experiment.from_description(described)
     except (KeyError, TypeError, ConfigError) as error:
         raise ConfigError(f"{folder / MANIFEST} is damaged: {error!r}") from None
-    # Flags newer than the manifest take the value that means what the search ran with.
-    merged = vars(args) | {key: saved.get(key, BEFORE_THE_FLAG.get(key, getattr(defaults, key))) for key in SEARCH_FLAGS}
+    merged = vars(args) | kept
     merged |= {key: Path(merged[key]) for key in PATH_FLAGS if merged[key] is not None}
     merged |= {"name": folder.name, "storage": str(folder.parent)}
     return argparse.Namespace(**merged), experiment

@@ -239,6 +239,9 @@ def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
     (folder / "raylocal_search.json").write_text(json.dumps({"flags": {"seed": 0}, "experiment": {"name": "x"}}))
     assert cli(["--resume", str(folder), "--seed", "5"]) == 2
     assert "--seed 5 differs from the search being resumed (0)" in capsys.readouterr().err
+    # A flag newer than the search is compared with what the search ran with, not with nothing.
+    assert cli(["--resume", str(folder), "--views", "3"]) == 2
+    assert "--views 3 differs from the search being resumed (1)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
