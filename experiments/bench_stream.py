@@ -87,8 +87,8 @@ def main(args) -> None:
         mnist = benchlib.load_digits(args)
         from raylocal.data import STREAM_STORE_BYTES, build_search_data
         from raylocal.final import Candidate, train_final
-        from raylocal.layout import cluster_resources, final_layout
-        from raylocal.train import TrialSettings
+        from raylocal.resources import cluster_resources, final_layout
+        from raylocal.trial import TrialSettings
 
         data = build_search_data(mnist, DataSettings(train_digits=args.train_digits, test_digits=2000), epochs=1,
                                  seed=args.seed, log=lambda line: print(f"# {line}"))

@@ -39,7 +39,7 @@ import torch
 
 from raylocal.config import Hyperparameters
 from raylocal.engine import autocast, evaluate, fit, to_tensors, train_steps
-from raylocal.layout import choose_layout
+from raylocal.resources import choose_layout
 from raylocal.metrics import localization_loss
 from raylocal.model import build_model
 
@@ -114,7 +114,7 @@ def engine_fit(params, data, val, threads: int, seed: int, device: torch.device)
 
 
 def ray_train_fit(params, data, val, threads: int, seed: int, device: torch.device, storage: str) -> tuple[dict, float]:
-    """The search's own Ray Train path (`raylocal.train.train_worker`) with one worker of `threads` CPUs
+    """The search's own Ray Train path (`raylocal.trial.train_worker`) with one worker of `threads` CPUs
     (and one GPU on CUDA), its run and checkpoints written under `storage`."""
     import ray
     from ray import train
@@ -122,7 +122,7 @@ def ray_train_fit(params, data, val, threads: int, seed: int, device: torch.devi
 
     from raylocal.data import SearchData, SplitRefs
     from raylocal.ddp import torch_config
-    from raylocal.train import TrialSettings, train_worker
+    from raylocal.trial import TrialSettings, train_worker
 
     def refs(columns):
         return SplitRefs((ray.put(columns),), len(columns["label"]))

@@ -20,10 +20,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import torch
-
+from raylocal.budget import START_SECONDS, TimeBudget
 from raylocal.config import OBJECTIVE, ConfigError, Hyperparameters
-from raylocal.layout import Layout
+from raylocal.resources import Layout
 
 # Without a time budget and without --final-epochs: twice the default search's longest trial.
 DEFAULT_FINAL_EPOCHS = 10
@@ -32,21 +31,6 @@ MAX_FINAL_EPOCHS = 30
 # Two gloo workers on 2 cores trained 1,306 canvases/s against 768 for each of two one-worker
 # trials side by side (experiments/RESULTS.md, scaling): 0.85 per worker; planned with margin.
 DDP_EFFICIENCY = 0.8
-# Seconds a final run spends before its first step (Train controller, worker processes importing
-# torch, the process group, the first shards) and the command after the last one (test scoring,
-# export with its checks, report, Ray's shutdown); both measured on 2 cores on a slow day (the
-# finish took 31-32 s of which 16-18 s scored the test split), see experiments/RESULTS.md.
-START_SECONDS = 40
-FINISH_SECONDS = 40
-# What each view beyond the first (`model.ShiftAveraged`) adds to the finish: one more pass over
-# the 10k test canvases, 8 s on a fast day (experiments/RESULTS.md, "Averaging shifted views"),
-# as long as the slow days' single pass above.
-VIEW_SECONDS = 17
-# The search's share of the time a budget leaves to train (`--search-share`); the final phase
-# gets the rest. 19 minutes on 2 slow cores: a fifth gave test det IoU 0.9537 and 0.9575 (seeds 0
-# and 1) against 0.9518 and 0.9542 at 0.45 (experiments/RESULTS.md). On this workload the search's
-# winner has always been the start point, so what a larger share buys has not yet changed the pick.
-SEARCH_SHARE = 0.2
 # Where a final run starts: the trial's best search checkpoint, or a fresh initialization.
 FINAL_INITS = ("checkpoint", "scratch")
 # A run continuing a checkpoint peaks at least at this share of the searched learning rate. From a
@@ -77,61 +61,6 @@ class FinalSettings:
             raise ConfigError(f"--final-init must be one of {FINAL_INITS}, got {self.init!r}")
         if not 0 < self.lr_scale <= 10:
             raise ConfigError(f"--final-lr-scale must be in (0, 10], got {self.lr_scale:g}")
-
-
-def finish_seconds(views: int) -> float:
-    """What a time budget keeps for the end of the command when the test split is scored with `views`."""
-    return FINISH_SECONDS + (views - 1) * VIEW_SECONDS
-
-
-@dataclass(frozen=True)
-class TimeBudget:
-    """A bound on the whole command, counted from `started` (time.time(), so that Ray Train's
-    worker processes read the same clock)."""
-
-    seconds: float
-    started: float
-    final: bool = True  # False: no final phase, the search may use all of it
-    share: float = SEARCH_SHARE  # the search's share of the time left to train
-    finish: float = FINISH_SECONDS  # kept at the end to score and export (`finish_seconds`)
-
-    @property
-    def deadline(self) -> float:
-        """When training must have ended, leaving time to score and export."""
-        return self.started + self.seconds - self.finish
-
-    def search_seconds(self) -> float:
-        """The search's share of the time that can still train: what is left before the deadline
-        less the final run's start-up, so that fixed costs (Ray, the data, Train's start-up) are
-        not taken from the final phase alone, which would starve it in small budgets. At least a
-        second: Tune reads a time budget of 0 as none at all."""
-        left = self.deadline - time.time()
-        if self.search_takes_all(left):
-            return max(1.0, left)
-        return self.share * (left - START_SECONDS)
-
-    def leaves_final_phase(self) -> bool:
-        """Whether, from now, there is room for a final phase after the search's share."""
-        return not self.search_takes_all(self.deadline - time.time())
-
-    def search_takes_all(self, left: float) -> bool:
-        """Without a final phase, or with no room for a final epoch after a search of any length."""
-        return not self.final or left - START_SECONDS <= START_SECONDS
-
-    @classmethod
-    def for_command(cls, minutes: float, started: float, final: bool, share: float = SEARCH_SHARE,
-                    views: int = 1) -> TimeBudget:
-        return cls(minutes * 60, started, final, share, finish_seconds(views))
-
-    def describe(self, search_seconds: float) -> str:
-        minutes = self.seconds / 60
-        takes_all = not self.leaves_final_phase()
-        no_room = " (no room for a final phase)" if self.final else ""
-        rest = (f"then {self.finish:g} s for scoring and export{no_room}" if takes_all
-                else f"the final phase gets what is left less {self.finish:g} s for scoring and export")
-        share = "" if takes_all else f" ({self.share:.0%} of the time left to train)"
-        return (f"time budget: {minutes:g} min for the whole command: the search stops starting and running trials "
-                f"{search_seconds / 60:.1f} min from now{share}, {rest}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +138,7 @@ def candidates(results, top_k: int, workers_per_trial: int = 1, checkpoints: boo
     epochs: first the trials that trained at least as far as the start point, by their best score
     up to its last epoch (a tie keeps the start point), then the others by their best score. A
     trial twice as fast no longer wins on the epochs its speed bought it in a time-boxed search."""
-    from raylocal.best import best_checkpoint
+    from raylocal.publish import best_checkpoint
     from raylocal.stopping import is_config
 
     found = []
@@ -340,7 +269,7 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
 
     from raylocal.data import stream_config, train_stream
     from raylocal.ddp import torch_config
-    from raylocal.train import TrialSettings, load_checkpoint_state
+    from raylocal.trial import TrialSettings, load_checkpoint_state
 
     params = Hyperparameters.from_dict(search_settings.fixed | candidate.config)
     if params.batch_size < layout.workers:
@@ -432,7 +361,7 @@ def saved_run(run_dir: str) -> SavedRun | None:
     """The last checkpoint of a final run started earlier, or None for a new run."""
     from ray.train import Result
 
-    from raylocal.train import load_checkpoint_state
+    from raylocal.trial import load_checkpoint_state
 
     if "://" not in run_dir and not os.path.isdir(run_dir):
         return None
@@ -460,7 +389,7 @@ def final_worker(loop_config: dict[str, Any]) -> None:
     from ray import train
 
     from raylocal.data import StreamReader
-    from raylocal.train import ddp_wrap, fit_this_rank, trial_device
+    from raylocal.trial import ddp_wrap, fit_this_rank, trial_device
 
     context = train.get_context()
     settings, data = loop_config["settings"], loop_config["data"]
@@ -496,6 +425,8 @@ def validation_figures(metrics: dict[str, Any]) -> str:
 
 def agree(value: float, device: torch.device, world_size: int) -> float:
     """The largest of every rank's `value`: what all ranks then act on alike."""
+    import torch
+
     if world_size == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=device)

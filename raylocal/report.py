@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from raylocal.cli import run
 from raylocal.config import OBJECTIVE
 from raylocal.results import (COMPLETED, ERROR, RUNNING, STOPPED, TIME_BUDGET, SearchFolderError, longest_run,
-                              read_search)
+                              read_manifest, read_search)
 
 BEST = f"best_{OBJECTIVE}"
 LAST_METRICS = ("det_iou", "mean_iou", "accuracy", "iou50", "iou75")
@@ -78,26 +78,18 @@ def log_scale(values: list[Any]) -> bool:
     return bool(values) and all(finite(v) for v in values) and min(values) > 0 and max(values) / min(values) > 20
 
 
-def manifest(experiment_dir: Path) -> dict[str, Any]:
-    """The flags and experiment raylocal keeps beside its trials; {} for a plain Tune folder."""
-    from raylocal.tune import MANIFEST
-
-    path = experiment_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def searched_space(experiment_dir: Path) -> dict[str, optuna.distributions.BaseDistribution]:
     """The search's own space, from its manifest; {} for a folder without one (a plain Tune
     search), whose space is then guessed from the values seen."""
     from raylocal.config import Experiment, optuna_space
 
-    described = manifest(experiment_dir).get("experiment")
+    described = read_manifest(experiment_dir).get("experiment")
     return optuna_space(Experiment.from_description(described).space) if described else {}
 
 
 def model_card(experiment_dir: Path) -> dict[str, Any]:
     """The exported model's card: in `--export-dir` when the search was given one, else in best_model/."""
-    export_dir = manifest(experiment_dir).get("flags", {}).get("export_dir") or experiment_dir / "best_model"
+    export_dir = read_manifest(experiment_dir).get("flags", {}).get("export_dir") or experiment_dir / "best_model"
     path = Path(export_dir) / "model_card.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 

@@ -8,6 +8,7 @@ as a pandas DataFrame.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,23 @@ from raylocal.config import OBJECTIVE
 
 COMPLETED, STOPPED, RUNNING, ERROR = "completed", "stopped early (ASHA)", "running/interrupted", "error"
 TIME_BUDGET = "ended by the time budget"
+# raylocal's own file in a search folder: the settings and the experiment the search ran with.
+MANIFEST = "raylocal_search.json"
 
 
 class SearchFolderError(RuntimeError):
     """The folder holds no Tune search."""
+
+
+def read_manifest(experiment_dir: str | Path) -> dict[str, Any]:
+    """The settings and experiment raylocal keeps beside its trials; {} for a plain Tune folder."""
+    path = Path(experiment_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_manifest(experiment_dir: str | Path, flags: dict[str, Any], experiment: dict[str, Any]) -> None:
+    Path(experiment_dir).mkdir(parents=True, exist_ok=True)
+    (Path(experiment_dir) / MANIFEST).write_text(json.dumps({"flags": flags, "experiment": experiment}, indent=2))
 
 
 @dataclass(frozen=True)

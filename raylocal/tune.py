@@ -20,23 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from raylocal.config import OBJECTIVE, ConfigError, DataSettings, Experiment, load_experiment, optuna_space
-from raylocal.final import (
-    DEFAULT_FINAL_EPOCHS,
-    FINAL_INITS,
-    FINAL_LR_SCALE,
-    MAX_FINAL_EPOCHS,
-    SEARCH_SHARE,
-    START_SECONDS,
-    FinalSettings,
-    TimeBudget,
-    finish_seconds,
-)
-from raylocal.layout import BACKENDS, DEVICES, TRIALS_PER_GPU
+from raylocal.budget import DEFAULT_BUDGET_MINUTES, SEARCH_SHARE, START_SECONDS, TimeBudget, finish_seconds
+from raylocal.final import DEFAULT_FINAL_EPOCHS, FINAL_INITS, FINAL_LR_SCALE, MAX_FINAL_EPOCHS, FinalSettings
+from raylocal.results import MANIFEST, write_manifest
+from raylocal.resources import BACKENDS, DEVICES, TRIALS_PER_GPU
 from raylocal.model import SHIFTS
 
 SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
-# The default command on 2 CPU cores, search and final training, ends within 20 minutes.
-DEFAULT_BUDGET_MINUTES = 19.0
 SHOWN_METRICS = {OBJECTIVE: "val det IoU", "val_mean_iou": "val IoU", "val_accuracy": "val acc", "epoch": "epoch"}
 
 
@@ -109,7 +99,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MANIFEST = "raylocal_search.json"
 # The flags that define a search; a resumed search takes them from its manifest.
 SEARCH_FLAGS = (
     "trials", "max_epochs", "experiment", "workers_per_trial", "cpus_per_worker", "gpus_per_worker", "trials_per_gpu",
@@ -146,9 +135,7 @@ class Plan:
 def write_manifest(args: argparse.Namespace, plan: Plan) -> None:
     flags = {key: str(value) if isinstance(value, Path) else value for key in SEARCH_FLAGS
              if (value := getattr(args, key)) is not None}
-    manifest = {"flags": flags, "experiment": plan.experiment.describe()}
-    Path(plan.experiment_dir).mkdir(parents=True, exist_ok=True)
-    (Path(plan.experiment_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_manifest(plan.experiment_dir, flags, plan.experiment.describe())
 
 
 def resumed(args: argparse.Namespace) -> tuple[argparse.Namespace, Experiment]:
@@ -381,13 +368,13 @@ def run_search(args: argparse.Namespace, plan: Plan, log=print, started: float |
     """Layout, data, search, final training, export, report: the steps of one command, in order."""
     from ray import tune
 
-    from raylocal.best import export_best, summary_table
+    from raylocal.publish import export_best, summary_table
     from raylocal.data import build_search_data
     from raylocal.final import run_final
-    from raylocal.layout import cluster_final_layout, cluster_layout
+    from raylocal.resources import cluster_final_layout, cluster_layout
     from raylocal.mnist import load_mnist
     from raylocal.report import write_report
-    from raylocal.train import TrialSettings, run_trial
+    from raylocal.trial import TrialSettings, run_trial
 
     started = started or time.time()
     experiment, budget = plan.experiment, plan.experiment.budget

@@ -11,20 +11,16 @@ import torch
 from conftest import tiny_digits
 
 from raylocal.config import OBJECTIVE, ConfigError, Hyperparameters
+from raylocal.budget import FINISH_SECONDS, SEARCH_SHARE, START_SECONDS, VIEW_SECONDS, TimeBudget
 from raylocal.engine import fit
 from raylocal.final import (
     DDP_EFFICIENCY,
     DEFAULT_FINAL_EPOCHS,
     FINAL_LR_SCALE,
-    FINISH_SECONDS,
     MAX_FINAL_EPOCHS,
-    SEARCH_SHARE,
-    START_SECONDS,
     Candidate,
     FinalRun,
     FinalSettings,
-    VIEW_SECONDS,
-    TimeBudget,
     candidates,
     checkpoint_lr,
     continued_lr,
@@ -33,7 +29,7 @@ from raylocal.final import (
     pick_winner,
     plan_epochs,
 )
-from raylocal.layout import final_layout
+from raylocal.resources import final_layout
 from raylocal.model import build_model
 from raylocal.synthesis import split_plan, synthesize_shard
 from raylocal.tune import DEFAULT_BUDGET_MINUTES, build_plan, get_args_parser
@@ -259,7 +255,7 @@ def test_a_final_epoch_is_one_line_with_its_place_in_the_plan_and_its_figures():
 def test_rays_per_report_log_lines_are_hidden_unless_asked_for_and_put_back_after():
     import logging
 
-    from raylocal.train import ray_report_logs, report_logger_names
+    from raylocal.trial import ray_report_logs, report_logger_names
 
     names = report_logger_names()
     # Train's "Reporting training result" logger is named by its module's file, not "ray.train...".

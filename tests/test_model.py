@@ -185,9 +185,9 @@ def test_a_checkpoint_from_before_box_head_loads_as_the_model_it_trained(tmp_pat
 
     from ray.train import Checkpoint
 
-    from raylocal.best import load_model
+    from raylocal.publish import load_model
     from raylocal.config import Hyperparameters
-    from raylocal.train import CHECKPOINT_FILE
+    from raylocal.trial import CHECKPOINT_FILE
 
     params = Hyperparameters(depth=2, width=4, head_width=16, box_head="flatten")
     old = tiny_model(box_head="flatten")

@@ -155,7 +155,7 @@ def test_the_report_reads_the_searched_space_from_the_manifest(tmp_path):
     (here lr spans less than 20x, which the guess would draw on a linear scale)."""
     from raylocal.config import Dimension, Experiment
     from raylocal.report import searched_space
-    from raylocal.tune import MANIFEST
+    from raylocal.results import MANIFEST
 
     space = (Dimension("lr", "loguniform", 1e-4, 1e-2), Dimension("depth", "int", 3, 5))
     (tmp_path / MANIFEST).write_text(json.dumps({"flags": {}, "experiment": Experiment(space=space).describe()}))
@@ -193,7 +193,7 @@ def test_cli_on_a_folder_without_trials_exits_2_with_one_message(tmp_path, capsy
 def test_test_metrics_come_from_the_export_dir_the_search_was_given(experiment, tmp_path):
     """The cluster recipe exports elsewhere (--export-dir); the report finds the card through the manifest."""
     from raylocal.config import Dimension, Experiment
-    from raylocal.tune import MANIFEST
+    from raylocal.results import MANIFEST
 
     search = shutil.copytree(experiment, tmp_path / experiment.name)
     export_dir = tmp_path / "shipped"

@@ -11,7 +11,7 @@ import torch
 from raylocal.config import ModelConfig
 from raylocal.export import export_model, load_state_dict_model
 from raylocal.model import build_model
-from raylocal.train import CHECKPOINT_FILE, load_checkpoint_state
+from raylocal.trial import CHECKPOINT_FILE, load_checkpoint_state
 
 
 class Payload:

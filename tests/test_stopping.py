@@ -103,7 +103,7 @@ def test_a_resumed_search_rebuilds_its_rungs_from_saved_results(tmp_path, ranks_
 def test_filled_rungs_only_where_asked_for_and_a_final_phase_follows():
     import time
 
-    from raylocal.final import FINISH_SECONDS, START_SECONDS, TimeBudget
+    from raylocal.budget import FINISH_SECONDS, START_SECONDS, TimeBudget
     from raylocal.tune import build_plan, filled_rungs, get_args_parser
 
     def plan(*flags: str, filled: bool = True):

@@ -14,7 +14,7 @@ from raylocal.engine import evaluate, to_tensors
 from raylocal.export import export_model
 from raylocal.metrics import summarize
 from raylocal.model import build_model, for_inference
-from raylocal.train import TrialSettings, load_checkpoint_state
+from raylocal.trial import TrialSettings, load_checkpoint_state
 
 TASK = "localize one MNIST digit pasted at a random position on a black 75x75 canvas"
 

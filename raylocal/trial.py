@@ -3,7 +3,7 @@
 Inline is for one worker per trial, on CPUs or on a fraction of a GPU: a TorchTrainer would
 start a controller and worker processes (each importing torch) per trial, which buys nothing
 there. Several workers go through TorchTrainer with DDP (NCCL on GPUs, gloo on CPUs). Both
-paths call the same `engine.fit`; `raylocal.layout` decides which one runs.
+paths call the same `engine.fit`; `raylocal.resources` decides which one runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ray import train, tune
 from raylocal.config import OBJECTIVE, Hyperparameters
 from raylocal.data import SearchData
 from raylocal.engine import fit
-from raylocal.layout import Layout
+from raylocal.resources import Layout
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

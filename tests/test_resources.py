@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from raylocal.config import ConfigError
-from raylocal.layout import DRIVER_MEMORY, TRIALS_PER_GPU, Layout, choose_layout
+from raylocal.resources import DRIVER_MEMORY, TRIALS_PER_GPU, Layout, choose_layout
 
 
 def test_without_gpus_one_worker_trials_train_inline_one_per_cpu():
@@ -84,7 +84,7 @@ def test_layout_line_says_what_was_chosen_and_why():
 
 
 def test_a_trial_meant_for_cuda_without_cuda_fails_instead_of_falling_back(monkeypatch):
-    from raylocal.train import trial_device
+    from raylocal.trial import trial_device
 
     layout = Layout("inline", 1, 1, 0.5, "cuda", 1, "test")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1,0 +1,82 @@
+"""The time budget: how a bound on the whole command is split between the search and the final phase.
+
+Pure arithmetic on wall-clock time; no torch, no Ray, so the command line can show its defaults.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+# Seconds a final run spends before its first step (Train controller, worker processes importing
+# torch, the process group, the first shards) and the command after the last one (test scoring,
+# export with its checks, report, Ray's shutdown); both measured on 2 cores on a slow day (the
+# finish took 31-32 s of which 16-18 s scored the test split), see experiments/RESULTS.md.
+START_SECONDS = 40
+FINISH_SECONDS = 40
+# What each view beyond the first (`model.ShiftAveraged`) adds to the finish: one more pass over
+# the 10k test canvases, 8 s on a fast day (experiments/RESULTS.md, "Averaging shifted views"),
+# as long as the slow days' single pass above.
+VIEW_SECONDS = 17
+# The search's share of the time a budget leaves to train (`--search-share`); the final phase
+# gets the rest. 19 minutes on 2 slow cores: a fifth gave test det IoU 0.9537 and 0.9575 (seeds 0
+# and 1) against 0.9518 and 0.9542 at 0.45 (experiments/RESULTS.md). On this workload the search's
+# winner has always been the start point, so what a larger share buys has not yet changed the pick.
+SEARCH_SHARE = 0.2
+# The default command on 2 CPU cores, search and final training, ends within 20 minutes.
+DEFAULT_BUDGET_MINUTES = 19.0
+
+
+def finish_seconds(views: int) -> float:
+    """What a time budget keeps for the end of the command when the test split is scored with `views`."""
+    return FINISH_SECONDS + (views - 1) * VIEW_SECONDS
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """A bound on the whole command, counted from `started` (time.time(), so that Ray Train's
+    worker processes read the same clock)."""
+
+    seconds: float
+    started: float
+    final: bool = True  # False: no final phase, the search may use all of it
+    share: float = SEARCH_SHARE  # the search's share of the time left to train
+    finish: float = FINISH_SECONDS  # kept at the end to score and export (`finish_seconds`)
+
+    @property
+    def deadline(self) -> float:
+        """When training must have ended, leaving time to score and export."""
+        return self.started + self.seconds - self.finish
+
+    def search_seconds(self) -> float:
+        """The search's share of the time that can still train: what is left before the deadline
+        less the final run's start-up, so that fixed costs (Ray, the data, Train's start-up) are
+        not taken from the final phase alone, which would starve it in small budgets. At least a
+        second: Tune reads a time budget of 0 as none at all."""
+        left = self.deadline - time.time()
+        if self.search_takes_all(left):
+            return max(1.0, left)
+        return self.share * (left - START_SECONDS)
+
+    def leaves_final_phase(self) -> bool:
+        """Whether, from now, there is room for a final phase after the search's share."""
+        return not self.search_takes_all(self.deadline - time.time())
+
+    def search_takes_all(self, left: float) -> bool:
+        """Without a final phase, or with no room for a final epoch after a search of any length."""
+        return not self.final or left - START_SECONDS <= START_SECONDS
+
+    @classmethod
+    def for_command(cls, minutes: float, started: float, final: bool, share: float = SEARCH_SHARE,
+                    views: int = 1) -> TimeBudget:
+        return cls(minutes * 60, started, final, share, finish_seconds(views))
+
+    def describe(self, search_seconds: float) -> str:
+        minutes = self.seconds / 60
+        takes_all = not self.leaves_final_phase()
+        no_room = " (no room for a final phase)" if self.final else ""
+        rest = (f"then {self.finish:g} s for scoring and export{no_room}" if takes_all
+                else f"the final phase gets what is left less {self.finish:g} s for scoring and export")
+        share = "" if takes_all else f" ({self.share:.0%} of the time left to train)"
+        return (f"time budget: {minutes:g} min for the whole command: the search stops starting and running trials "
+                f"{search_seconds / 60:.1f} min from now{share}, {rest}")
