@@ -5,6 +5,7 @@ Pure arithmetic on wall-clock time; no torch, no Ray, so the command line can sh
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -80,3 +81,49 @@ class TimeBudget:
         share = "" if takes_all else f" ({self.share:.0%} of the time left to train)"
         return (f"time budget: {minutes:g} min for the whole command: the search stops starting and running trials "
                 f"{search_seconds / 60:.1f} min from now{share}, {rest}")
+
+
+def first_rung_seconds(grace_epochs: float, first_epoch_reports: int, rows: int, val_rows: int,
+                       canvases_per_s: float) -> float:
+    """The least a trial costs: training to ASHA's first rung and scoring the validation split at
+    each report until then (scoring a canvas costs about a third of training on it)."""
+    reports = max(1, round(grace_epochs * first_epoch_reports))
+    return (grace_epochs * rows + reports * val_rows / 3) / canvases_per_s
+
+
+def most_trials(search_seconds: float, concurrent: int, least_trial_seconds: float, keeps_start_point: bool) -> int:
+    """At most how many trials start before the search's time is up: every trial but a kept start
+    point (which holds one slot throughout) stopped at its first rung."""
+    slots = concurrent - 1 if keeps_start_point and concurrent > 1 else concurrent
+    started = 1 if keeps_start_point and concurrent > 1 else 0
+    return started + slots * math.ceil(search_seconds / max(least_trial_seconds, 1e-9))
+
+
+def training_speed(params, threads: int, batches: int = 4) -> float:
+    """Canvases per second one CPU worker trains `params`' model at, from a few steps on random
+    canvases: what the search's trials will roughly run at on this machine."""
+    import numpy as np
+    import torch
+
+    from raylocal.engine import make_optimizer, train_steps
+    from raylocal.model import build_model
+    from raylocal.synthesis import synthesize
+
+    device, saved = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build_model(params)
+        optimizer, scheduler = make_optimizer(model, params, 2 * batches + 2, 1)
+        rows = batches * params.batch_size
+
+        def canvases(count: int):
+            rng = np.random.default_rng(0)
+            images, boxes = synthesize(rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), rng)
+            return torch.from_numpy(images), torch.from_numpy(boxes), torch.from_numpy(rng.integers(0, 10, count))
+
+        train_steps(model, optimizer, scheduler, canvases(params.batch_size), params, device)  # warm-up
+        started = time.perf_counter()
+        train_steps(model, optimizer, scheduler, canvases(rows), params, device)
+        return rows / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(saved)

@@ -14,6 +14,9 @@ from typing import Any
 
 OBJECTIVE = "val_det_iou"
 BOX_LOSSES = ("smooth_l1", "giou")
+# What `ShiftAveraged` looks at: the canvas as it is and moved one pixel right, left, down and up,
+# as (dx, dy). Each move shows the trunk's stride-2 pools another alignment of the digit.
+SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 # How the model places a box (raylocal.model): the expected position of a learned heatmap, or a
 # regression from the flattened trunk (what every search before the first ran with).
 BOX_HEADS = ("softargmax", "flatten")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from raylocal.config import ModelConfig
+from raylocal.config import SHIFTS, ModelConfig
 from raylocal.synthesis import CANVAS
 
 NUM_CLASSES = 10
@@ -22,9 +22,6 @@ NUM_CLASSES = 10
 # epochs (seeds 0 and 1) validation mean IoU was 0.9481 against 0.9338 for the flatten head; the
 # first block's 37x37 heatmap did no better (experiments/RESULTS.md, "The box from a heatmap").
 HEATMAP_BLOCK = 2
-# What `ShiftAveraged` looks at: the canvas as it is and moved one pixel right, left, down and up,
-# as (dx, dy). Each move shows the trunk's stride-2 pools another alignment of the digit.
-SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
 def block_widths(config: ModelConfig) -> list[int]:

@@ -117,6 +117,12 @@ def views_note(views: int) -> str:
     return f", each as {views} shifted views averaged" if views > 1 else ""
 
 
+def trials_line(search: dict[str, Any]) -> str:
+    """How many of the trials asked for ran, and why not all of them."""
+    ran, planned = search["trials"], search.get("trials_planned", search["trials"])
+    return f"{ran} of {planned} ran" + (" (time budget)" if search.get("ended_by_time_budget") else "")
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     hyper = summary["hyperparameters"]
     how = "final training" if summary.get("model_from") == "final" else "search checkpoint"
@@ -127,6 +133,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     for name in ("det_iou", "mean_iou", "accuracy", "iou50", "iou60", "iou75"):
         val, test = summary["validation"].get(f"val_{name}"), summary["test"][f"test_{name}"]
         rows.append((f"  {name}", f"{val:.4f} | {test:.4f}" if val is not None else f"   -   | {test:.4f}"))
+    rows.append(("trials", trials_line(summary["search"])))
     rows.append(("export", summary["export_dir"]))
     if "report" in summary:
         rows.append(("report", summary["report"]))

@@ -73,6 +73,26 @@ class Layout:
                 f"up to {self.concurrent} trials at once ({self.reason})")
 
 
+def check_resource_flags(workers: int, cpus_per_worker: int, gpus_per_worker: float | None,
+                         trials_per_gpu: int | None, backend: str, device: str) -> None:
+    """The resource flags on their own, before any cluster is known (`Settings` checks them at the edge)."""
+    for flag, value in (("--workers-per-trial", workers), ("--cpus-per-worker", cpus_per_worker)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be one of {DEVICES}, got {device!r}")
+    if trials_per_gpu is not None and trials_per_gpu < 1:
+        raise ConfigError(f"--trials-per-gpu must be >= 1, got {trials_per_gpu}")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    if gpus_per_worker is not None and trials_per_gpu is not None:
+        raise ConfigError("give --trials-per-gpu or --gpus-per-worker, not both")
+    if backend == "inline" and workers > 1:
+        raise ConfigError("--backend inline trains one worker per trial; use ray-train for --workers-per-trial > 1")
+
+
 def choose_layout(
     cpus: int,
     gpus: float,
@@ -85,24 +105,11 @@ def choose_layout(
     device: str = "auto",
 ) -> Layout:
     """The layout for a cluster of `cpus` CPUs and `gpus` GPUs; flags left None take defaults."""
-    if workers < 1 or cpus_per_worker < 1:
-        raise ConfigError(f"--workers-per-trial and --cpus-per-worker must be >= 1, got {workers} and {cpus_per_worker}")
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend must be one of {BACKENDS}, got {backend!r}")
-    if device not in DEVICES:
-        raise ConfigError(f"--device must be one of {DEVICES}, got {device!r}")
-    if trials_per_gpu is not None and trials_per_gpu < 1:
-        raise ConfigError(f"--trials-per-gpu must be >= 1, got {trials_per_gpu}")
-    if gpus_per_worker is not None and gpus_per_worker < 0:
-        raise ConfigError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
-    if gpus_per_worker is not None and trials_per_gpu is not None:
-        raise ConfigError("give --trials-per-gpu or --gpus-per-worker, not both")
+    check_resource_flags(workers, cpus_per_worker, gpus_per_worker, trials_per_gpu, backend, device)
     if trials_per_gpu is not None and gpus == 0:
         raise ConfigError("--trials-per-gpu needs GPUs, and the cluster has none")
     if backend == "auto":
         backend = "inline" if workers == 1 else "ray-train"
-    if backend == "inline" and workers > 1:
-        raise ConfigError("--backend inline trains one worker per trial; use ray-train for --workers-per-trial > 1")
     shared = backend == "inline" and gpus > 0 and gpus_per_worker is None
     if gpus_per_worker is None:
         if gpus == 0:
@@ -148,13 +155,13 @@ def cluster_resources() -> tuple[int, float]:
     return int(resources.get("CPU", 0)), resources.get("GPU", 0.0)
 
 
-def cluster_layout(args, log=print) -> Layout:
-    """`choose_layout` for the running Ray cluster and the command's flags; prints the layout line."""
+def cluster_layout(settings, log=print) -> Layout:
+    """`choose_layout` for the running Ray cluster and a search's `Settings`; prints the layout line."""
     cpus, gpus = cluster_resources()
     layout = choose_layout(
-        cpus, gpus, workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker, trials_per_gpu=args.trials_per_gpu, backend=args.backend,
-        device=args.device,
+        cpus, gpus, workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_worker,
+        gpus_per_worker=settings.gpus_per_worker, trials_per_gpu=settings.trials_per_gpu, backend=settings.backend,
+        device=settings.device,
     )
     log(layout.describe(cpus, gpus))
     return layout
@@ -176,7 +183,7 @@ def final_layout(cpus: int, gpus: float, *, cpus_per_worker: int = 1, device: st
     return replace(layout, concurrent=1, reason=reason)
 
 
-def cluster_final_layout(args) -> Layout:
-    """`final_layout` for the running Ray cluster and the command's flags."""
+def cluster_final_layout(settings) -> Layout:
+    """`final_layout` for the running Ray cluster and a search's `Settings`."""
     cpus, gpus = cluster_resources()
-    return final_layout(cpus, gpus, cpus_per_worker=args.cpus_per_worker, device=args.device)
+    return final_layout(cpus, gpus, cpus_per_worker=settings.cpus_per_worker, device=settings.device)

@@ -10,11 +10,13 @@ import pytest
 
 from raylocal.cluster import free_port
 from raylocal.config import Experiment
-from raylocal.tune import build_plan, cli, get_args_parser
+from raylocal.plan import build_plan
+from raylocal.settings import Settings
+from raylocal.tune import cli, get_args_parser
 
 
 def plan_for(*flags: str):
-    return build_plan(get_args_parser().parse_args(list(flags)))
+    return build_plan(Settings.from_args(get_args_parser().parse_args(list(flags))))
 
 
 def test_defaults_are_the_default_experiment_stored_under_the_working_directory(tmp_path, monkeypatch):
@@ -99,8 +101,9 @@ def test_an_address_other_than_the_connected_cluster_is_refused_not_ignored(ray_
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"trails": 3}, "unknown setting(s) ['trails']"), ({"trials": "many"}, "argument --trials: invalid int value"),
-     ({"device": "tpu"}, "argument --device: invalid choice")],
+    [({"trials": "many"}, "--trials='many' must be of type int or None"),
+     ({"device": "tpu"}, "--device must be one of ('auto', 'cuda', 'cpu'), got 'tpu'"),
+     ({"no_final": 1}, "--no-final=1 must be of type bool"), ({"views": 6}, "--views must be 1 to 5, got 6")],
 )
 def test_python_entry_point_refuses_bad_settings_before_any_work(settings, message):
     import raylocal
@@ -109,6 +112,33 @@ def test_python_entry_point_refuses_bad_settings_before_any_work(settings, messa
     with pytest.raises(ConfigError) as error:
         raylocal.search(**settings)
     assert message in str(error.value)
+    with pytest.raises(TypeError, match="trails"):
+        raylocal.search(trails=3)  # an explicit signature: Python names the unknown keyword
+
+
+def test_search_takes_every_setting_by_name_with_its_default():
+    """`raylocal.search`'s signature is written out for editors; it must match `Settings` exactly."""
+    import dataclasses
+    import inspect
+
+    import raylocal
+
+    parameters = inspect.signature(raylocal.search).parameters
+    fields = dataclasses.fields(raylocal.Settings)
+    assert list(parameters) == [field.name for field in fields]
+    assert {name: p.default for name, p in parameters.items()} == {field.name: field.default for field in fields}
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
+
+
+def test_help_and_version_need_neither_torch_nor_ray():
+    code = ("import sys; from raylocal.tune import get_args_parser; get_args_parser().format_help(); "
+            "from raylocal.cli import get_args_parser as top; top().format_help(); "
+            "assert not {'torch', 'ray'} & set(sys.modules), sorted({'torch', 'ray'} & set(sys.modules))")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for argv in (["--help"], ["--version"], ["tune", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "raylocal", *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith(("usage: raylocal", "raylocal ")), done
+    assert "search:" in done.stdout and "final training:" in done.stdout and "--time-budget MINUTES" in done.stdout
 
 
 def test_debug_shows_the_traceback_instead_of_one_line(capsys):
@@ -130,9 +160,9 @@ def test_the_status_table_survives_trials_stopped_before_their_first_report(ray_
     from ray.tune.experiment import Trial
 
     from raylocal.config import OBJECTIVE
-    from raylocal.tune import build_plan, get_args_parser, progress_reporter
+    from raylocal.tuner import progress_reporter
 
-    reporter = progress_reporter(build_plan(get_args_parser().parse_args(["--smoke-test"])))
+    reporter = progress_reporter(plan_for("--smoke-test"))
     reporter.setup(metric=OBJECTIVE, mode="max", total_samples=3)
     reporter.set_start_time(time.time())
     config = {"depth": 4, "width": 8, "box_loss_weight": 0.1}

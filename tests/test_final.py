@@ -32,7 +32,10 @@ from raylocal.final import (
 from raylocal.resources import final_layout
 from raylocal.model import build_model
 from raylocal.synthesis import split_plan, synthesize_shard
-from raylocal.tune import DEFAULT_BUDGET_MINUTES, build_plan, get_args_parser
+from raylocal.budget import DEFAULT_BUDGET_MINUTES
+from raylocal.plan import build_plan
+from raylocal.settings import Settings
+from raylocal.tune import get_args_parser
 
 
 def test_final_layout_takes_every_cpu_or_every_gpu():
@@ -159,7 +162,9 @@ def test_candidates_are_compared_with_the_start_point_at_equal_epochs():
 
 
 def test_final_flags_and_default_budget():
-    parse = get_args_parser().parse_args
+    def parse(flags):
+        return Settings.from_args(get_args_parser().parse_args(flags))
+
     plan = build_plan(parse([]))
     assert plan.budget_minutes == DEFAULT_BUDGET_MINUTES and plan.final == FinalSettings()
     smoke = build_plan(parse(["--smoke-test"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -207,6 +208,9 @@ def test_python_entry_point_runs_the_same_search_and_returns_its_result(ray_sess
     assert 0 <= result.test["test_accuracy"] <= 1 and 0 <= result.validation["val_det_iou"] <= 1
     card = json.loads((result.export_dir / "model_card.json").read_text())
     assert card["trial_id"] == result.summary["trial_id"] and card["test"] == result.test
+    # One row per trial, with its searched values and how it ended.
+    assert len(result.trials) == 2 and {"trial_id", "lr", "stop_reason", "best_val_det_iou"} <= set(result.trials)
+    assert result.summary["trial_id"] in set(result.trials["trial_id"])
 
 
 @pytest.mark.slow  # a minute: the budget is 1.6 minutes
@@ -222,3 +226,6 @@ def test_a_time_budget_stops_the_search_and_skips_a_final_phase_that_cannot_fit(
     card = check_export(tmp_path / "export")
     assert card["model_from"] == "search" and card["final"] is None
     assert 1 <= summary["search"]["trials"] < 200
+    # Said before the search, and in the final table.
+    assert "budget: at most about " in output and " of 200 trials fit in the search's " in output
+    assert re.search(rf"^trials +{summary['search']['trials']} of 200 ran \(time budget\)$", output, re.M)

@@ -211,7 +211,12 @@ def test_resuming_with_a_different_search_space_is_a_clear_error(tmp_path, capsy
 
 def test_a_search_from_before_final_init_resumes_its_final_runs_as_they_started(tmp_path):
     from raylocal.config import Experiment
-    from raylocal.tune import get_args_parser, resumed
+    from raylocal.plan import resumed
+    from raylocal.settings import Settings
+    from raylocal.tune import get_args_parser
+
+    def resume(folder):
+        return resumed(Settings.from_args(get_args_parser().parse_args(["--resume", str(folder)]))).settings
 
     folder = tmp_path / "old"
     folder.mkdir()
@@ -221,14 +226,14 @@ def test_a_search_from_before_final_init_resumes_its_final_runs_as_they_started(
                             ({"seed": 0, "final_init": "checkpoint"}, ("checkpoint", 1.0)),
                             ({"seed": 0, "final_init": "checkpoint", "final_lr_scale": 0.3}, ("checkpoint", 0.3))]:
         (folder / "raylocal_search.json").write_text(json.dumps({"flags": flags, "experiment": Experiment().describe()}))
-        args, _ = resumed(get_args_parser().parse_args(["--resume", str(folder)]))
+        args = resume(folder)
         assert (args.final_init, args.final_lr_scale) == expected
         # The search took 45% of the time left to train before --search-share, and exported the
         # network alone before --views.
         assert (args.search_share, args.views) == (0.45, 1)
     (folder / "raylocal_search.json").write_text(json.dumps({"flags": {"seed": 0, "views": 5},
                                                              "experiment": Experiment().describe()}))
-    assert resumed(get_args_parser().parse_args(["--resume", str(folder)]))[0].views == 5
+    assert resume(folder).views == 5
 
 
 def test_resuming_with_another_seed_is_refused(tmp_path, capsys):

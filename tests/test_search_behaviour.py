@@ -86,7 +86,7 @@ def random_only_configurations(experiment_dir) -> list[dict]:
     import optuna
 
     from raylocal.config import load_experiment, optuna_space
-    from raylocal.tune import make_sampler
+    from raylocal.tuner import make_sampler
 
     space = optuna_space(load_experiment(experiment_dir.parents[1] / "space.toml").space)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(TRIALS, SEED, startup=10**6))
@@ -102,7 +102,7 @@ def test_the_seed_fixes_the_first_configurations_and_tpe_then_models(searched):
     import optuna
 
     from raylocal.config import load_experiment
-    from raylocal.tune import startup_trials
+    from raylocal.tuner import startup_trials
 
     experiment_dir, storage = searched
     study = optuna.load_study(study_name=experiment_dir.name, storage=storage)

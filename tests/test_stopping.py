@@ -104,10 +104,13 @@ def test_filled_rungs_only_where_asked_for_and_a_final_phase_follows():
     import time
 
     from raylocal.budget import FINISH_SECONDS, START_SECONDS, TimeBudget
-    from raylocal.tune import build_plan, filled_rungs, get_args_parser
+    from raylocal.plan import build_plan
+    from raylocal.settings import Settings
+    from raylocal.tune import get_args_parser
+    from raylocal.tuner import filled_rungs
 
     def plan(*flags: str, filled: bool = True):
-        built = build_plan(get_args_parser().parse_args(list(flags)))
+        built = build_plan(Settings.from_args(get_args_parser().parse_args(list(flags))))
         return replace(built, experiment=built.experiment.with_budget(filled_rungs=filled))
 
     roomy = TimeBudget(seconds=600, started=time.time())
