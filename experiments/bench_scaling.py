@@ -12,7 +12,7 @@ GPUs) and, with 2 GPUs or more, 2-worker DDP trials holding one GPU per worker. 
 declares N GPUs to Ray: on a machine without CUDA they are Ray's logical GPUs, scheduled but
 not computed on (the search then runs with `--device cpu`, said in the output).
 
-    python experiments/bench_scaling.py                 # ~6 min on 2 cores
+    python experiments/bench_scaling.py                 # minutes on 2 cores
     python experiments/bench_scaling.py --trials 2 --train-digits 4000   # quick
 """
 

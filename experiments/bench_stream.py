@@ -7,7 +7,7 @@ samples the object store's bytes in use across the cluster every `--every` secon
 one search epoch this script synthesizes up front), its peak in each quarter of the run, and what
 synthesizing every epoch up front, as the search does, would have held.
 
-    python experiments/bench_stream.py                                   # ~6 min on 2 cores
+    python experiments/bench_stream.py                                   # minutes on 2 cores
     python experiments/bench_stream.py --epochs 3 --train-digits 1200    # quick
 
 Also printed: the training speed, and the CPU seconds of Ray Data's split coordinator (the actor

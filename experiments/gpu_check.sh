@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, at most ~8 minutes on one H100/H200:
+# Every GPU check in one command on one H100/H200, each stage under its own time limit (`stage` below):
 #   1. the tests marked `gpu` (fractional-GPU search, DDP search with 2+ GPUs, CUDA checkpoint
 #      through the export against onnxruntime on the CPU, finite bf16 metrics);
 #   2. bench_train.py on the GPU: plain PyTorch against raylocal's loop, torch.compile, evaluation

@@ -11,18 +11,16 @@ from dataclasses import dataclass
 
 # Seconds a final run spends before its first step (Train controller, worker processes importing
 # torch, the process group, the first shards) and the command after the last one (test scoring,
-# export with its checks, report, Ray's shutdown); both measured on 2 cores on a slow day (the
-# finish took 31-32 s of which 16-18 s scored the test split), see experiments/RESULTS.md.
+# export with its checks, report, Ray's shutdown); both sized on 2 cores on a slow day
+# (docs/decisions.md#time-budget-fixed-costs).
 START_SECONDS = 40
 FINISH_SECONDS = 40
 # What each view beyond the first (`model.ShiftAveraged`) adds to the finish: one more pass over
-# the 10k test canvases, 8 s on a fast day (experiments/RESULTS.md, "Averaging shifted views"),
-# as long as the slow days' single pass above.
+# the test canvases, as long as a slow day's single pass (docs/decisions.md#time-budget-fixed-costs).
 VIEW_SECONDS = 17
 # The search's share of the time a budget leaves to train (`--search-share`); the final phase
-# gets the rest. 19 minutes on 2 slow cores: a fifth gave test det IoU 0.9537 and 0.9575 (seeds 0
-# and 1) against 0.9518 and 0.9542 at 0.45 (experiments/RESULTS.md). On this workload the search's
-# winner has always been the start point, so what a larger share buys has not yet changed the pick.
+# gets the rest. On 2 cores the search's winner has always been the start point, so a smaller share
+# buys epochs of it (docs/decisions.md#search-share).
 SEARCH_SHARE = 0.2
 # The default command on 2 CPU cores, search and final training, ends within 20 minutes.
 DEFAULT_BUDGET_MINUTES = 19.0

@@ -103,8 +103,8 @@ class Hyperparameters(ModelConfig):
     definition, in ModelConfig) and the training ones. Flat, as Tune's configs, the experiment
     files' [fixed] tables and the model card spell them."""
 
-    # lr and box-loss weight: plain Optuna's best 5-epoch trial at 19 minutes (seed 0), which beat
-    # the hand-picked 3e-3 and 0.1 at equal epochs (experiments/RESULTS.md, "New defaults").
+    # lr and box-loss weight: a search's best trial, ahead of the hand-picked 3e-3 and 0.1 at equal
+    # epochs (docs/decisions.md#defaults-lr-and-box-loss-weight).
     lr: float = 8e-3
     weight_decay: float = 1e-4
     batch_size: int = 128
@@ -196,7 +196,8 @@ class Budget:
     scores the validation split) `first_epoch_reports` times in its first epoch, where early
     stopping does most of its cutting, and `reports_per_epoch` times in each later epoch.
     `filled_rungs`: with a final phase, ASHA promotes a trial only as the top 1/rf of at least rf
-    trials at its rung (`raylocal.stopping`); off by default, it measured worse (RESULTS.md).
+    trials at its rung (`raylocal.stopping`); off by default, its final models were worse
+    (docs/decisions.md#filled-rungs-off).
     `keep_start_point`: ASHA never stops the start point, and the final phase compares the other
     trials with it at equal epochs (`raylocal.stopping`, `raylocal.final.candidates`)."""
 

@@ -81,8 +81,7 @@ def synthesis_dataset(items: list[dict], arrays_ref: list, plan: SplitPlan, seed
                       **map_options) -> ray.data.Dataset:
     """A lazy dataset with one block per item (split, epoch, shard), synthesized by Ray Data tasks."""
     # Tasks, not an actor pool: tasks run in Ray's already started worker processes, while a
-    # pool starts processes of its own for every dataset (measured: 0.6-0.9 s warm against 2.0 s for
-    # the 70k canvases of one epoch, experiments/bench_synthesis.py and RESULTS.md).
+    # pool starts processes of its own for every dataset (docs/decisions.md#synthesis-in-tasks).
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         synthesize_shards,
         fn_kwargs={
@@ -130,9 +129,9 @@ def build_search_data(mnist: Mnist, settings: DataSettings, epochs: int, seed: i
 
 
 # The stream's synthesis tasks hold no CPU: the training workers hold every CPU of the cluster,
-# and a task that waited for one would never run. Two at a time, since one epoch's shards take
-# about a second of the minutes an epoch trains (RESULTS.md, synthesis); the object-store limit
-# below is what bounds how far ahead they run.
+# and a task that waited for one would never run. Two at a time, since synthesis outpaces training
+# many times over; the object-store limit below is what bounds how far ahead they run
+# (docs/decisions.md#stream-memory).
 STREAM_TASKS = 2
 STREAM_STORE_BYTES = 256 * 1024**2
 
@@ -145,10 +144,9 @@ def train_stream(data: SearchData, epochs: range, paced: bool = True) -> ray.dat
     shards = num_shards(data.plan, "train", data.settings.shard_size)
     items = [{"task": epoch, "split": "train", "epoch": epoch, "shard": shard}
              for epoch in epochs for shard in range(shards)]
-    # No progress bars: the split coordinator's, forwarded to a console that is not a terminal,
-    # came out as 482 lines of cursor codes in a final run of 152 s; they count the rows
-    # synthesized for every epoch the run may reach, not training, which the final run reports
-    # once an epoch itself.
+    # No progress bars: the split coordinator's, forwarded to a console that is not a terminal, come
+    # out as screens of cursor codes counting rows synthesized, not training, which the final run
+    # reports once an epoch itself (docs/decisions.md#stream-progress-bars-off).
     with dataset_context(*([paced_scheduling_callback()] if paced else []), enable_progress_bars=False):
         return synthesis_dataset(
             items, list(data.mnist_ref), data.plan, data.seed, data.settings,
@@ -177,15 +175,13 @@ def dataset_context(*callbacks: type, **settings: Any) -> Iterator[None]:
 def paced_scheduling_callback() -> type:
     """A Ray Data execution callback that keeps the scheduling loop from spinning. Held back by the
     stream's object-store budget, which is most of a final run (synthesis outpaces training many
-    times over), Ray Data 2.60's loop steps again at once, about 600 times a second: a synthesis
-    task whose output waits for room counts as running, and `ray.wait` on it returns at once.
+    times over), Ray Data 2.60's loop steps again at once, over and over: a synthesis task whose
+    output waits for room counts as running, and `ray.wait` on it returns at once.
     After a step that moved nothing (no input taken, no output made or handed on, no task
     finished) the callback waits as long as the loop waits for a task, unless a consumer is
     waiting for canvases: reads are served as soon as before, and room a read frees is used within
-    that wait. Three epochs of the default model on 2 cores: the coordinator used 4.4-4.9 CPU
-    seconds instead of 24.0-26.8 (13-14% of a core); training speed and epoch time did not change
-    beyond the runs' spread, since the spin ran at the lowest priority in time the lock-stepped
-    DDP workers left idle (experiments/RESULTS.md, "The stream's scheduling loop paced"). It
+    that wait. It saves CPU, not training time: at the lowest priority the spin only filled the
+    time the lock-stepped DDP workers left idle (docs/decisions.md#stream-coordinator). It
     reads the executor's operators through private attributes (raylocal pins Ray's version) and
     does nothing where they are missing."""
     from ray.data._internal.execution.execution_callback import ExecutionCallback
@@ -220,10 +216,10 @@ def stream_options():
 def stream_config(yield_cpu: bool = True):
     """Ray Train's dataset settings for the stream: `stream_options`, and a split coordinator that
     yields the CPU to training. Ray Data 2.60's scheduling loop spins whenever the stream is held
-    back by its budget, which is most of a final run; at normal priority, on 2 cores, that spin
-    took 0.5-0.7 of a core from the workers (experiments/RESULTS.md, final phase; the paced loop of
-    `train_stream` now waits instead). Run at the lowest priority, the coordinator still serves
-    every request, since the workers wait for it then, but never takes a core from them.
+    back by its budget, which is most of a final run; at normal priority that spin takes CPU from
+    the workers (docs/decisions.md#stream-coordinator; the paced loop of `train_stream` now waits
+    instead). Run at the lowest priority, the coordinator still serves every request, since the
+    workers wait for it then, but never takes a core from them.
     `yield_cpu=False` leaves it as Ray starts it (bench_stream.py measures both)."""
     from ray.train import DataConfig
 

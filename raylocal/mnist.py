@@ -290,7 +290,7 @@ def _store_in_cache(cache: Path, blobs: dict[str, bytes], log: Callable[[str], N
 
 
 def _gzip(data: bytes) -> bytes:
-    # Level 9 is ~15x slower than 6 on MNIST (12 s vs 0.8 s) for files only 2% smaller;
+    # Level 6: level 9 is far slower for files barely smaller (docs/decisions.md#mnist-gzip-level);
     # mtime=0 keeps the bytes reproducible.
     return gzip_compress(data, compresslevel=6, mtime=0)
 

@@ -18,9 +18,8 @@ from raylocal.config import SHIFTS, ModelConfig
 from raylocal.synthesis import CANVAS
 
 NUM_CLASSES = 10
-# The heatmap comes from this block's output: 18x18 cells of 4 px at the default depth. After 2
-# epochs (seeds 0 and 1) validation mean IoU was 0.9481 against 0.9338 for the flatten head; the
-# first block's 37x37 heatmap did no better (experiments/RESULTS.md, "The box from a heatmap").
+# The heatmap comes from this block's output: 18x18 cells of 4 px at the default depth; the first
+# block's finer heatmap placed boxes no better (docs/decisions.md#box-head).
 HEATMAP_BLOCK = 2
 
 
@@ -31,9 +30,7 @@ def block_widths(config: ModelConfig) -> list[int]:
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     # Pool straight after the convolution: batch norm and ReLU then touch a quarter of the
-    # values. On a CPU they are memory-bound and took over half of a training step when they
-    # ran at full resolution (profiled at depth 4, width 16); this order trains 1.75x faster
-    # (experiments/RESULTS.md, "What the measurements changed").
+    # values, and on a CPU they are memory-bound (docs/decisions.md#pool-before-batch-norm).
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.MaxPool2d(2),
@@ -70,9 +67,8 @@ class Localizer(nn.Module):
             nn.Dropout(config.dropout),
         )
         # The classifier also sees the trunk's global max: what the digit is does not depend on
-        # where it is, and without this the digit head learns every position separately. With
-        # it, validation accuracy after 1/8 epoch is 68% instead of 17% (depth 4, width 8;
-        # RESULTS.md), so ASHA's first cut ranks trials by something other than chance.
+        # where it is, and without this the digit head learns every position separately, so ASHA's
+        # first cut would rank trials by chance (docs/decisions.md#digit-head-global-max).
         self.classifier = nn.Linear(config.head_width + channels, NUM_CLASSES)
         self.box_head = nn.Linear(config.head_width, 4)
         self.split = min(HEATMAP_BLOCK, config.depth) if config.box_head == "softargmax" else config.depth

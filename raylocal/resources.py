@@ -25,9 +25,8 @@ from raylocal.config import ConfigError
 
 BACKENDS = ("auto", "inline", "ray-train")
 DEVICES = ("auto", "cuda", "cpu")
-# On one H200, 4 and 8 trainers sharing the GPU trained 85k canvases/s between them; 16 trials per
-# GPU ran the default search in 88 s against 95 s for 8, one run each with other differences
-# (experiments/RESULTS.md, "GPU").
+# Trials sharing one GPU: past this many, more trainers trained no faster between them
+# (docs/decisions.md#trials-per-gpu).
 TRIALS_PER_GPU = 8
 # A trial that drives a TorchTrainer computes nothing itself: it holds no CPU (else the
 # workers of a trial could never fit on a 2-core machine), only the memory it uses.

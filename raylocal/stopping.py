@@ -7,21 +7,21 @@ its saved results into the rungs, so stopping decisions go on as before the inte
 
 Filled rungs (`budget.filled_rungs`, used only when a final phase trains the winner, so trials just
 rank): plain asynchronous ASHA promotes a trial that reaches an empty rung, and with 2 trials at
-once the first two ran all their rungs and held both cores for 7 of a 7.6-minute search. With
+once the first two ran all their rungs and held both cores for most of a short search. With
 filled rungs a trial goes past a rung only as the top 1/rf of at least rf trials there; the first
 ones to arrive stop, and later ones compete with their results. The search then compares many
-more configurations (27 trials against 4 in 19 minutes), but all at 1/8 to 1/2 epoch, where a high
-learning rate and a low box-loss weight look best, and the final models were worse; so it is off
-by default (experiments/RESULTS.md).
+more configurations, but all at the early rungs, where a high learning rate and a low box-loss
+weight look best, and the final models were worse; so it is off by default
+(docs/decisions.md#filled-rungs-off).
 
 The start point (`budget.keep_start_point`, on by default): the search's first trial is the
 configuration a user would train without a search, and the final phase continues the winner's
 checkpoint. ASHA records its results like any other trial's (they set the rungs' cutoffs) but never
 stops it, so it trains all its epochs, and the final phase can compare any challenger with it at
-equal epochs (`raylocal.final.candidates`) instead of with a start point cut at 2 epochs by a
-faster trial 0.001 ahead (RESULTS.md, the 19-minute run at 3ecd1e0). It is kept with `--no-final`
-too, where the export is the best checkpoint anywhere: that is then at least the start point
-trained all its epochs. The price is one trial slot held for the whole search.
+equal epochs (`raylocal.final.candidates`) instead of with a start point that a faster trial,
+barely ahead at a rung, had cut (docs/decisions.md#start-point-and-equal-epoch-pick). It is kept
+with `--no-final` too, where the export is the best checkpoint anywhere: that is then at least the
+start point trained all its epochs. The price is one trial slot held for the whole search.
 
 Built on Ray 2.60's ASHA bracket (Ray is pinned; `tests/test_stopping.py` checks the decisions).
 """
