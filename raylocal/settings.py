@@ -8,6 +8,7 @@ Ray, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -101,6 +102,9 @@ class Settings:
             value = getattr(self, key)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, key, Path(value))
+        for key in ("storage", "resume"):  # a folder given as a Path
+            if isinstance(getattr(self, key), os.PathLike):
+                object.__setattr__(self, key, os.fspath(getattr(self, key)))
         for spec in fields(self):
             check_type(spec.name, getattr(self, spec.name), spec.type)
         self.check()

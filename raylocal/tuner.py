@@ -97,7 +97,7 @@ def make_tuner(plan: Plan, trainable, layout, max_failures: int,
         num_samples=budget.trials,
         max_concurrent_trials=layout.concurrent,
         time_budget_s=time_budget_s,
-        # A fresh trial process costs ~4 s of torch import on a small machine; reuse them.
+        # A fresh trial process imports torch again; reuse them (docs/decisions.md#inline-trials).
         # Not for TorchTrainer drivers: their fit() outlives Tune's 2 s reset window, and
         # the next trial on that actor would never start.
         reuse_actors=layout.backend == "inline",
