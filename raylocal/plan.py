@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from raylocal.config import ConfigError, DataSettings, Experiment, load_experime
 from raylocal.final import FinalSettings
 from raylocal.results import MANIFEST, read_manifest, write_manifest
 from raylocal.settings import Settings, option
+from raylocal.storage import Storage, StorageError, check_writable, one_line, open_storage
 
 SMOKE_DATA = DataSettings(train_digits=3000, test_digits=500, shard_size=1000)
 DEFAULT_STORAGE = "raylocal_results"
@@ -37,13 +39,18 @@ class Plan:
     settings: Settings
     experiment: Experiment
     name: str
-    storage: str
-    export_dir: Path
+    storage: str  # a local folder or a URI, as given (made absolute)
+    export_dir: Path  # the local copy of the export
     resume: bool = False
+
+    @cached_property
+    def folder(self) -> Storage:
+        """The search's folder: trials, checkpoints, final runs, manifest, report, export."""
+        return open_storage(self.storage).child(self.name)
 
     @property
     def experiment_dir(self) -> str:
-        return f"{self.storage}/{self.name}"
+        return self.folder.uri
 
     @property
     def final(self) -> FinalSettings:
@@ -77,11 +84,10 @@ def search_experiment(settings: Settings) -> Experiment:
 def build_plan(settings: Settings, experiment: Experiment | None = None, resume: bool = False) -> Plan:
     experiment = experiment or search_experiment(settings)
     name = settings.name or f"{experiment.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    storage = settings.storage or str(Path(DEFAULT_STORAGE).absolute())
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().absolute())
-    export_dir = settings.export_dir or Path(storage if "://" not in storage else DEFAULT_STORAGE) / name / "best_model"
-    return Plan(settings, experiment, name, storage, export_dir.absolute(), resume=resume)
+    storage = open_storage(settings.storage or DEFAULT_STORAGE)
+    # On object storage the export is also kept on this machine, where the command runs.
+    export_dir = settings.export_dir or Path(storage.local() or DEFAULT_STORAGE) / name / "best_model"
+    return Plan(settings, experiment, name, storage.uri, export_dir.absolute(), resume=resume)
 
 
 def plan_search(settings: Settings) -> Plan:
@@ -89,20 +95,24 @@ def plan_search(settings: Settings) -> Plan:
     return resumed(settings) if settings.resume else build_plan(settings)
 
 
-def resume_folder(settings: Settings) -> Path:
+def resume_folder(settings: Settings) -> Storage:
+    """The folder `--resume PATH|URI`, or `--resume --name NAME [--storage PATH|URI]`, names."""
     if isinstance(settings.resume, str):
-        return Path(settings.resume).expanduser().absolute()
+        return open_storage(settings.resume)
     if settings.name:
-        return Path(settings.storage or DEFAULT_STORAGE).expanduser().absolute() / settings.name
+        return open_storage(settings.storage or DEFAULT_STORAGE).child(settings.name)
     raise ConfigError("--resume needs the search's --name (and --storage if not the default), or its folder")
 
 
 def resumed(settings: Settings) -> Plan:
     """The plan of the search being resumed, with its own settings; different ones given now are an error."""
     folder = resume_folder(settings)
-    manifest = read_manifest(folder)
+    try:
+        manifest = read_manifest(folder)
+    except OSError as error:
+        raise StorageError(f"cannot read the search at {folder.uri}: {one_line(error)}") from None
     if not manifest:
-        raise ConfigError(f"no raylocal search to resume at {folder} (it has no {MANIFEST})")
+        raise ConfigError(f"no raylocal search to resume at {folder.uri} (it has no {MANIFEST})")
     kept = kept_settings(settings, manifest["flags"])
     described = manifest["experiment"]
     if settings.experiment and load_experiment(settings.experiment).describe() | {"name": described.get("name")} \
@@ -111,8 +121,8 @@ def resumed(settings: Settings) -> Plan:
     try:
         experiment = Experiment.from_description(described)
     except (KeyError, TypeError, ConfigError) as error:
-        raise ConfigError(f"{folder / MANIFEST} is damaged: {error!r}") from None
-    merged = settings.with_changes(**kept, experiment=None, name=folder.name, storage=str(folder.parent))
+        raise ConfigError(f"{folder.child(MANIFEST).uri} is damaged: {error!r}") from None
+    merged = settings.with_changes(**kept, experiment=None, name=folder.name, storage=folder.parent().uri)
     return build_plan(merged, experiment, resume=True)
 
 
@@ -134,14 +144,15 @@ def save_manifest(plan: Plan) -> None:
     """The settings that define the search, beside its trials, for `--resume` and the report."""
     flags = {key: str(value) if isinstance(value, Path) else value for key in SEARCH_FLAGS
              if (value := getattr(plan.settings, key)) is not None}
-    write_manifest(plan.experiment_dir, flags, plan.experiment.describe())
+    write_manifest(plan.folder, flags, plan.experiment.describe())
 
 
 def check_destinations(plan: Plan) -> None:
     """Fail before the search, not after it, when its results could not be written; create nothing."""
     if plan.export_dir.exists() and any(plan.export_dir.iterdir()):
         raise ConfigError(f"export folder {plan.export_dir} already holds files; choose another --export-dir or --name")
-    local = [Path(plan.experiment_dir)] if "://" not in plan.storage else []
+    check_writable(plan.folder)
+    local = [Path(plan.experiment_dir)] if not plan.folder.remote else []
     for folder in [*local, plan.export_dir.parent]:
         existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
         try:

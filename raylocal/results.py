@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from raylocal.config import OBJECTIVE
+from raylocal.storage import Storage, open_storage
 
 COMPLETED, STOPPED, RUNNING, ERROR = "completed", "stopped early (ASHA)", "running/interrupted", "error"
 TIME_BUDGET = "ended by the time budget"
@@ -28,15 +30,21 @@ class SearchFolderError(RuntimeError):
     """The folder holds no Tune search."""
 
 
-def read_manifest(experiment_dir: str | Path) -> dict[str, Any]:
+Folder = str | Path | Storage  # a search folder: local, or a URI on object storage
+
+
+def search_folder(folder: Folder) -> Storage:
+    return folder if isinstance(folder, Storage) else open_storage(folder)
+
+
+def read_manifest(experiment_dir: Folder) -> dict[str, Any]:
     """The settings and experiment raylocal keeps beside its trials; {} for a plain Tune folder."""
-    path = Path(experiment_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
+    folder = search_folder(experiment_dir)
+    return json.loads(folder.read_text(MANIFEST)) if folder.is_file(MANIFEST) else {}
 
 
-def write_manifest(experiment_dir: str | Path, flags: dict[str, Any], experiment: dict[str, Any]) -> None:
-    Path(experiment_dir).mkdir(parents=True, exist_ok=True)
-    (Path(experiment_dir) / MANIFEST).write_text(json.dumps({"flags": flags, "experiment": experiment}, indent=2))
+def write_manifest(experiment_dir: Folder, flags: dict[str, Any], experiment: dict[str, Any]) -> None:
+    search_folder(experiment_dir).write_text(MANIFEST, json.dumps({"flags": flags, "experiment": experiment}, indent=2))
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ def stop_reason(status: str, last_epoch: float, max_epochs: float, decided: bool
     return ERROR if status == "ERROR" else RUNNING
 
 
-def read_search(experiment_dir: str | Path) -> list[TrialRun]:
+def read_search(experiment_dir: Folder) -> list[TrialRun]:
     """Every trial of the search in `experiment_dir`, in creation order."""
     analysis = saved_state(experiment_dir)
     frames = analysis.trial_dataframes
@@ -86,21 +94,24 @@ def read_search(experiment_dir: str | Path) -> list[TrialRun]:
     ]
 
 
-def latest_checkpoints(experiment_dir: str | Path) -> dict[Path, str]:
-    """Each unfinished trial's folder and the name of its latest checkpoint as Tune's saved state
-    has it: what a resume restores the trial from (trials without a Tune checkpoint left out)."""
-    return {Path(trial.path): Path(trial.checkpoint.path).name for trial in saved_state(experiment_dir).trials
+def latest_checkpoints(experiment_dir: Folder) -> dict[str, str]:
+    """Each unfinished trial's folder (its path in the search's filesystem) and the name of its
+    latest checkpoint as Tune's saved state has it: what a resume restores the trial from (trials
+    without a Tune checkpoint left out)."""
+    return {trial.path: posixpath.basename(trial.checkpoint.path) for trial in saved_state(experiment_dir).trials
             if trial.status != "TERMINATED" and trial.checkpoint is not None}
 
 
-def saved_state(experiment_dir: str | Path):
-    """Tune's `ExperimentAnalysis` of the folder: its newest saved state, as a resume reads it."""
+def saved_state(experiment_dir: Folder):
+    """Tune's `ExperimentAnalysis` of the folder: its newest saved state, as a resume reads it;
+    on object storage too (it reads the state and the trials' results, not their checkpoints)."""
     from ray.tune import ExperimentAnalysis
 
+    folder = search_folder(experiment_dir)
     try:
-        return ExperimentAnalysis(str(experiment_dir))
-    except ValueError as error:
-        raise SearchFolderError(f"{experiment_dir} holds no Tune search: {str(error).splitlines()[0]}") from None
+        return ExperimentAnalysis(folder.path, storage_filesystem=folder.fs)
+    except (ValueError, FileNotFoundError) as error:
+        raise SearchFolderError(f"{folder.uri} holds no Tune search: {str(error).splitlines()[0]}") from None
 
 
 def all_reports(trials: list[TrialRun]) -> pd.DataFrame:

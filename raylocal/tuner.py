@@ -8,6 +8,7 @@ from __future__ import annotations
 from raylocal.budget import TimeBudget
 from raylocal.config import OBJECTIVE, ConfigError, optuna_space
 from raylocal.plan import Plan
+from raylocal.storage import Storage
 
 SHOWN_METRICS = {OBJECTIVE: "val det IoU", "val_mean_iou": "val IoU", "val_accuracy": "val acc", "epoch": "epoch"}
 
@@ -54,28 +55,27 @@ def search_algorithm(plan: Plan):
                         storage=storage, points_to_evaluate=[plan.experiment.start_point()])
 
 
-def recover_replaced_checkpoints(experiment_dir: str, log=print) -> None:
+def recover_replaced_checkpoints(folder: Storage, log=print) -> None:
     """Give a trial's newest checkpoint the name of the one Tune's saved state restores it from,
     where that one is gone. Tune keeps a trial's best checkpoints and its latest; registering a
     newer one deletes the previous latest unless it is among the best, and a driver killed before
-    its next save (every 10 s or more) leaves a state naming the deleted folder: the trial's restore
-    would fail on every retry ("does not exist on storage anymore"). The newer one holds the
-    training since, and the trial continues from it. Local folders only."""
+    its next save leaves a state naming the deleted folder: the trial's restore would fail on
+    every retry ("does not exist on storage anymore"). The newer one holds the training since."""
     from raylocal.results import SearchFolderError, latest_checkpoints
 
-    if "://" in experiment_dir:
-        return
     try:
-        saved = latest_checkpoints(experiment_dir)
+        saved = latest_checkpoints(folder)
     except SearchFolderError:
         return  # nothing saved to repair; Tune's restore says what is missing
-    for folder, name in saved.items():
-        newer = sorted(path for path in folder.glob("checkpoint_*") if path.name > name)
-        if (folder / name).exists() or not newer:
+    for path, name in saved.items():
+        trial = Storage(path, folder.fs, path)
+        checkpoints = trial.folders("checkpoint_")
+        newer = [other for other in checkpoints if other > name]
+        if name in checkpoints or not newer:
             continue
-        newer[-1].rename(folder / name)
-        log(f"resume: {folder.name}: its saved checkpoint {name} was deleted after Tune's last save; "
-            f"continuing from {newer[-1].name}, the newer one that replaced it")
+        trial.move(newer[-1], name)
+        log(f"resume: {trial.name}: its saved checkpoint {name} was deleted after Tune's last save; "
+            f"continuing from {newer[-1]}, the newer one that replaced it")
 
 
 def make_tuner(plan: Plan, trainable, layout, max_failures: int,
@@ -86,8 +86,9 @@ def make_tuner(plan: Plan, trainable, layout, max_failures: int,
     from raylocal.stopping import make_scheduler
 
     if plan.resume:
-        recover_replaced_checkpoints(plan.experiment_dir, log)
-        return tune.Tuner.restore(plan.experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
+        recover_replaced_checkpoints(plan.folder, log)
+        return tune.Tuner.restore(plan.folder.path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=plan.folder.fs)
     budget = plan.experiment.budget
     tune_config = tune.TuneConfig(
         metric=OBJECTIVE,
@@ -104,7 +105,8 @@ def make_tuner(plan: Plan, trainable, layout, max_failures: int,
     )
     run_config = tune.RunConfig(
         name=plan.name,
-        storage_path=plan.storage,
+        storage_path=plan.folder.parent().path,
+        storage_filesystem=plan.folder.fs,
         progress_reporter=progress_reporter(plan),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
                                                 checkpoint_score_order="max"),

@@ -124,7 +124,7 @@ def lose_the_saved_checkpoint(experiment_dir: Path, trial_folder: str) -> bool:
     from raylocal.results import latest_checkpoints
 
     folder = experiment_dir / trial_folder
-    name = latest_checkpoints(experiment_dir).get(folder)
+    name = latest_checkpoints(experiment_dir).get(str(folder))
     if name is None:
         return False
     named = folder / name
