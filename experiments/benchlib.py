@@ -138,7 +138,7 @@ def halving_study(experiment: Experiment, seed: int, unit: int):
     steps of 1/`unit` epoch."""
     import optuna
 
-    from raylocal.tune import make_sampler
+    from raylocal.tuner import make_sampler
 
     budget = experiment.budget
     optuna.logging.set_verbosity(optuna.logging.WARNING)

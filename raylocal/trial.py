@@ -3,7 +3,8 @@
 Inline is for one worker per trial, on CPUs or on a fraction of a GPU: a TorchTrainer would
 start a controller and worker processes (each importing torch) per trial, which buys nothing
 there. Several workers go through TorchTrainer with DDP (NCCL on GPUs, gloo on CPUs). Both
-paths call the same `engine.fit`; `raylocal.resources` decides which one runs.
+paths call the same `engine.fit`; `raylocal.resources` decides which one runs. The final
+phase's runs (`raylocal.final`) use the same TorchTrainer (`make_trainer`) and worker (`train_worker`).
 """
 
 from __future__ import annotations
