@@ -17,7 +17,7 @@ on the same 10k test canvases of that seed, as the default command scores its ex
 over `--views` shifted views (`raylocal.model.ShiftAveraged`). Printed: one line per run, then
 mean and spread.
 
-    python experiments/bench_baselines.py --minutes 6 --seeds 0 1 2     # ~60 min on 2 cores
+    python experiments/bench_baselines.py --minutes 6 --seeds 0 1 2     # 3 seeds x 3 methods x 6 min
     python experiments/bench_baselines.py --minutes 1 --seeds 0 --train-digits 3000 --test-digits 500 --views 1  # quick
 """
 
@@ -38,7 +38,7 @@ import benchlib
 import numpy as np
 import torch
 
-from raylocal.config import OBJECTIVE, Experiment, Hyperparameters, optuna_space
+from raylocal.config import Experiment, Hyperparameters
 from raylocal.engine import evaluate, fit, to_tensors
 from raylocal.final import fit_to_deadline
 from raylocal.metrics import summarize
@@ -46,8 +46,8 @@ from raylocal.model import SHIFTS, for_inference
 from raylocal.synthesis import split_plan, synthesize_split
 
 METHODS = ("raylocal", "optuna", "single")
-# What each in-process method keeps back for scoring the test split at the end, per view (one
-# pass over the 10k test canvases took 8 s on 2 cores; RESULTS.md, "Averaging shifted views").
+# What each in-process method keeps back for scoring the test split at the end, per view, with
+# margin over one pass over the test canvases (docs/decisions.md#shift-averaged-views).
 SCORING_SECONDS = 10
 # (c)'s configuration: the one picked by hand, not raylocal's defaults since a search (b's) chose those.
 SKEPTIC = Hyperparameters(lr=3e-3, box_loss_weight=0.1)
@@ -144,51 +144,13 @@ def run_raylocal(args, seed: int, folder: Path) -> dict:
 
 
 def run_optuna(args, seed: int, splits: Splits, deadline: float) -> dict:
-    import optuna
-
-    from raylocal.tune import make_sampler
-
     experiment = Experiment()
-    budget = experiment.budget
-    unit = math.lcm(budget.first_epoch_reports, budget.reports_per_epoch)
-    train = [splits.get("train", epoch) for epoch in range(budget.max_epochs)]
-    val = splits.get("val")
-    best: dict = {"value": -1.0}
+    train = [splits.get("train", epoch) for epoch in range(experiment.budget.max_epochs)]
 
     def stop() -> bool:
         return time.time() > deadline - SCORING_SECONDS * args.views
 
-    def objective(trial) -> float:
-        params = Hyperparameters.from_dict(asdict(experiment.fixed) | trial.params)
-        values = []
-
-        def report(metrics, state):
-            values.append(metrics[OBJECTIVE])
-            if metrics[OBJECTIVE] > best["value"]:
-                best.update(value=metrics[OBJECTIVE], state={k: v.clone() for k, v in state["model"].items()},
-                            params=params, epoch=metrics["epoch"])
-            trial.report(metrics[OBJECTIVE], step=round(metrics["epoch"] * unit))
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-
-        fit(params, max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
-            reports_per_epoch=budget.reports_per_epoch, train_data=lambda epoch: train[epoch], val_data=val,
-            train_rows=len(train[0]["label"]), report=report, device=torch.device("cpu"), seed=seed, stop=stop)
-        return max(values)
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        direction="maximize", sampler=make_sampler(budget.trials, seed),
-        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, round(budget.grace_period * unit)),
-                                                      reduction_factor=budget.reduction_factor),
-    )
-    space = optuna_space(experiment.space)
-    while not stop() and len(study.trials) < budget.trials:
-        trial = study.ask(space)
-        try:
-            study.tell(trial, objective(trial))
-        except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    study, best = benchlib.plain_optuna(experiment, train, splits.get("val"), seed, stop=stop, keep_model=True)
     if "state" not in best:
         raise SystemExit(f"optuna seed {seed}: no trial reported within {args.minutes:g} min less the "
                          f"{SCORING_SECONDS * args.views} s kept to score {args.views} view(s): "
@@ -216,8 +178,8 @@ def run_single(args, seed: int, splits: Splits, deadline: float) -> dict:
     scoring = SCORING_SECONDS * args.views
     epochs = max(1, math.floor((deadline - scoring - time.time()) / epoch_seconds))
     last: dict = {}
-    # Re-planned after every epoch, as raylocal's final phase is: a plan from 30 steps alone ran
-    # 8% past its deadline (RESULTS.md), which is not equal wall time. No cap: as many as fit.
+    # Re-planned after every epoch, as raylocal's final phase is: a plan from the probe's steps alone
+    # overran its deadline, which is not equal wall time (docs/decisions.md#final-replanning). No cap.
     replan = fit_to_deadline(deadline - scoring, UNCAPPED, torch.device("cpu"), 1)
     fit(params, max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1,
         train_data=lambda epoch: first if epoch == 0 else splits.get("train", epoch), val_data=val, train_rows=rows,

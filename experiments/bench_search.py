@@ -8,13 +8,12 @@ at a time with all cores as torch threads; raylocal runs as many one-core trials
 there are cores. Back to back in this run; printed: wall time, the best validation det IoU
 each found, and how many trials raylocal really ran at once.
 
-    python experiments/bench_search.py                       # ~8 min on 2 cores
+    python experiments/bench_search.py
     python experiments/bench_search.py --trials 6 --train-digits 6000   # quick
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 
 from raylocal.config import OBJECTIVE, Experiment, load_experiment
-from raylocal.engine import fit
 from raylocal.synthesis import split_plan, synthesize_split
 
 TARGET = 1.10
@@ -61,57 +59,17 @@ def split_columns(mnist, experiment: Experiment, split: str, epoch: int, seed: i
 
 
 def plain_optuna(mnist, experiment: Experiment, seed: int) -> tuple[float, float, int]:
-    """(wall seconds, best validation det IoU over every report, trials pruned)."""
+    """(wall seconds, best validation det IoU over every report, trials pruned) of `benchlib.plain_optuna`,
+    its canvases' synthesis included."""
     import optuna
 
-    from raylocal.config import Hyperparameters, optuna_space
-    from raylocal.tune import make_sampler
-
     started = time.perf_counter()
-    budget = experiment.budget
     torch.set_num_threads(os.cpu_count())
-    # Optuna's pruner counts whole steps: a step here is 1/unit epoch, which every report lands on.
-    unit = math.lcm(budget.first_epoch_reports, budget.reports_per_epoch)
-    train = [split_columns(mnist, experiment, "train", epoch, seed) for epoch in range(budget.max_epochs)]
+    train = [split_columns(mnist, experiment, "train", epoch, seed) for epoch in range(experiment.budget.max_epochs)]
     val = split_columns(mnist, experiment, "val", 0, seed)
-    best = [0.0]
-
-    def objective(trial) -> float:
-        params = Hyperparameters.from_dict(
-            {**experiment.fixed.__dict__, **trial.params}
-        )
-        values = []
-
-        def report(metrics, state):
-            values.append(metrics[OBJECTIVE])
-            best[0] = max(best[0], metrics[OBJECTIVE])
-            trial.report(metrics[OBJECTIVE], step=round(metrics["epoch"] * unit))
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-
-        fit(params, max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
-            reports_per_epoch=budget.reports_per_epoch,
-            train_data=lambda epoch: train[epoch], val_data=val, train_rows=len(train[0]["label"]), report=report,
-            device=torch.device("cpu"), seed=seed)
-        return max(values)
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        direction="maximize", sampler=make_sampler(budget.trials, seed),
-        pruner=optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=max(1, round(budget.grace_period * unit)), reduction_factor=budget.reduction_factor
-        ),
-    )
-    # Ask and tell, with the search's own space: the same distributions OptunaSearch samples from.
-    space = optuna_space(experiment.space)
-    for _ in range(budget.trials):
-        trial = study.ask(space)
-        try:
-            study.tell(trial, objective(trial))
-        except optuna.TrialPruned:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    study, best = benchlib.plain_optuna(experiment, train, val, seed)
     pruned = sum(trial.state == optuna.trial.TrialState.PRUNED for trial in study.trials)
-    return time.perf_counter() - started, best[0], pruned
+    return time.perf_counter() - started, best["value"], pruned
 
 
 def trial_intervals(experiment_dir: Path) -> list[tuple[float, float]]:

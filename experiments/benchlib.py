@@ -1,17 +1,22 @@
-"""What every benchmark script here shares: its setup line, the data, one local Ray instance."""
+"""What every benchmark script here shares: its setup line, the data, one local Ray instance, and
+the plain-Optuna search that raylocal is measured against."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib.metadata
+import math
 import os
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 
 import numpy as np
 
 from raylocal import cluster
+from raylocal.config import OBJECTIVE, Experiment
 from raylocal.mnist import Mnist, load_mnist
 from raylocal.synthesis import split_plan, synthesize_split
 
@@ -74,3 +79,71 @@ def ratio_line(name: str, value: float, target: float, higher_is_better: bool = 
     met = value >= target if higher_is_better else value <= target
     sign = ">=" if higher_is_better else "<="
     return f"{name}: {value:.3f} (target {sign} {target}) -> {'met' if met else 'NOT met'}"
+
+
+def plain_optuna(experiment: Experiment, train: list[dict[str, np.ndarray]], val: dict[str, np.ndarray], seed: int,
+                 stop: Callable[[], bool] = lambda: False, keep_model: bool = False):
+    """What a user would write without raylocal: one process, one trial at a time, the same trainer
+    (`raylocal.engine.fit`) on `train` (one entry per epoch) and `val`, the search's own space,
+    TPE sampler settings and seed, and successive halving at the search's rungs (Optuna's
+    SuccessiveHalvingPruner is asynchronous successive halving, the rule of Tune's ASHA, with the same
+    grace period and reduction factor). No trial starts once `stop()`, and the running one ends at
+    its next report. Returns the study and the best report of all: `value`, and with `keep_model`
+    its `state` (model weights), `params` and `epoch`."""
+    import optuna
+    import torch
+
+    from raylocal.config import Hyperparameters, optuna_space
+    from raylocal.engine import fit
+
+    budget = experiment.budget
+    # Optuna's pruner counts whole steps: a step here is 1/unit epoch, which every report lands on.
+    unit = math.lcm(budget.first_epoch_reports, budget.reports_per_epoch)
+    best: dict = {"value": -1.0}
+
+    def objective(trial) -> float:
+        params = Hyperparameters.from_dict(asdict(experiment.fixed) | trial.params)
+        values = []
+
+        def report(metrics, state):
+            values.append(metrics[OBJECTIVE])
+            if metrics[OBJECTIVE] > best["value"]:
+                best["value"] = metrics[OBJECTIVE]
+                if keep_model:
+                    best.update(state={k: v.clone() for k, v in state["model"].items()}, params=params,
+                                epoch=metrics["epoch"])
+            trial.report(metrics[OBJECTIVE], step=round(metrics["epoch"] * unit))
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        fit(params, max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
+            reports_per_epoch=budget.reports_per_epoch, train_data=lambda epoch: train[epoch], val_data=val,
+            train_rows=len(train[0]["label"]), report=report, device=torch.device("cpu"), seed=seed, stop=stop)
+        return max(values)
+
+    study = halving_study(experiment, seed, unit)
+    # Ask and tell, with the search's own space: the same distributions OptunaSearch samples from.
+    space = optuna_space(experiment.space)
+    while not stop() and len(study.trials) < budget.trials:
+        trial = study.ask(space)
+        try:
+            study.tell(trial, objective(trial))
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    return study, best
+
+
+def halving_study(experiment: Experiment, seed: int, unit: int):
+    """An Optuna study with the search's sampler and its rungs as successive halving, counting
+    steps of 1/`unit` epoch."""
+    import optuna
+
+    from raylocal.tuner import make_sampler
+
+    budget = experiment.budget
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        direction="maximize", sampler=make_sampler(budget.trials, seed),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, round(budget.grace_period * unit)),
+                                                      reduction_factor=budget.reduction_factor),
+    )

@@ -23,8 +23,8 @@ from raylocal.model import build_model
 
 Arrays = dict[str, np.ndarray]
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
-# Validation batches: on a GPU, 2048 scored the 5k validation canvases in 10.5 ms against
-# 18.7 ms at 512 (bench_train.py, H200); on CPUs a bigger batch buys nothing and costs memory.
+# Validation batches: a GPU scores faster in bigger ones; on CPUs a bigger batch buys nothing and
+# costs memory (docs/decisions.md#batch-size).
 EVAL_BATCH = {"cuda": 2048, "cpu": 512}
 
 
@@ -85,8 +85,8 @@ def train_steps(model, optimizer, scheduler, data, params: Hyperparameters, devi
         loss.backward()
         optimizer.step()
         scheduler.step()
-        # Metrics once per call, not per step: per step, their small operations (argmax, IoU,
-        # nine sums) ran between every two optimizer steps of a GPU loop bound by launches.
+        # Metrics once per call, not per step: per step, their small operations ran between every
+        # two optimizer steps of a GPU loop bound by launches (docs/decisions.md#gpu-loop).
         losses.append(loss.detach())
         outputs.append((logits.detach(), pred_boxes.detach()))
     if not outputs:
@@ -182,50 +182,91 @@ def fit(
     continuing a search trial's checkpoint); the optimizer and schedule still start anew.
     """
     torch.manual_seed(seed)
-    # Channels-last: on CPUs the faster layout for these convolutions, on GPUs the one
-    # cuDNN's bf16 kernels want (bench_train.py measures both).
-    model = build_model(params.model_config())
-    if init is not None:
-        model.load_state_dict(init)
-    model = model.to(device, memory_format=torch.channels_last)
-    steps_per_epoch = train_rows // params.batch_size
-    if steps_per_epoch < max(first_epoch_reports, reports_per_epoch):
-        raise ValueError(
-            f"{train_rows} training rows per worker make less than one batch of {params.batch_size} per report"
-        )
-    optimizer, scheduler = make_optimizer(model, params, steps_per_epoch, max_epochs)
-    schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
-    first_report = restore(resume, model, optimizer, scheduler, device) if resume is not None else 0
+    model = place_model(params, device, init)
+    steps = steps_per_epoch(train_rows, params.batch_size, max(first_epoch_reports, reports_per_epoch))
+    plan = ReportPlan(max_epochs, first_epoch_reports, reports_per_epoch, steps)
+    optimizer, scheduler = make_optimizer(model, params, plan.steps_per_epoch, max_epochs)
+    index = restore(resume, model, optimizer, scheduler, device) if resume is not None else 0
     model = wrap(model)
     val = to_tensors(val_data, device)
-    epoch_data, loaded_epoch = None, None
+    epoch_data = EpochCache(train_data, device)
     epoch_started = time.perf_counter()
-    index = first_report
-    while index < len(schedule):
-        epoch, part, parts = schedule[index]
+    while index < len(plan.schedule):
+        epoch, part, parts = plan.schedule[index]
         report_started = time.perf_counter()
-        if loaded_epoch != epoch:
-            epoch_data, loaded_epoch = to_tensors(train_data(epoch), device), epoch
-        rows = slice(part * steps_per_epoch // parts * params.batch_size,
-                     (part + 1) * steps_per_epoch // parts * params.batch_size)
-        metrics = train_and_score(model, optimizer, scheduler, tuple(column[rows] for column in epoch_data), val,
-                                  params, device)
+        chunk = tuple(column[plan.rows(part, parts, params.batch_size)] for column in epoch_data.get(epoch))
+        metrics = train_and_score(model, optimizer, scheduler, chunk, val, params, device)
         metrics |= {"epoch": epoch + (part + 1) / parts, "report_seconds": time.perf_counter() - report_started}
         if part == parts - 1:
             done, seconds, epoch_started = epoch + 1, time.perf_counter() - epoch_started, time.perf_counter()
-            if replan is not None and done < max_epochs:
-                planned = max(done, replan(done, seconds))
-                if planned != max_epochs:
-                    max_epochs = planned
-                    schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
-                    if planned > done:
-                        scheduler = one_cycle(optimizer, params, steps_per_epoch * planned,
-                                              done_steps=steps_per_epoch * done)
+            if replan is not None and done < plan.max_epochs:
+                scheduler = plan.stretch(max(done, replan(done, seconds)), done, optimizer, scheduler, params)
         report(metrics, checkpoint_state(model, optimizer, scheduler, params, device, index + 1, metrics["epoch"],
-                                         max_epochs))
+                                         plan.max_epochs))
         index += 1
-        if index < len(schedule) and stop():
+        if index < len(plan.schedule) and stop():
             return
+
+
+def place_model(params: Hyperparameters, device: torch.device, init: dict[str, torch.Tensor] | None) -> nn.Module:
+    """A fresh model, or one with `init`'s weights, on `device`."""
+    model = build_model(params.model_config())
+    if init is not None:
+        model.load_state_dict(init)
+    # Channels-last: on CPUs the faster layout for these convolutions, on GPUs the one cuDNN's
+    # bf16 kernels want (docs/decisions.md#gpu-loop).
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def steps_per_epoch(train_rows: int, batch_size: int, parts: int) -> int:
+    """Optimizer steps in an epoch of `train_rows` rows, which must give each of an epoch's
+    `parts` reports at least one."""
+    steps = train_rows // batch_size
+    if steps < parts:
+        raise ValueError(f"{train_rows} training rows per worker make less than one batch of {batch_size} per report")
+    return steps
+
+
+class EpochCache:
+    """This rank's rows of the current epoch, on the device: loaded once for all of its reports."""
+
+    def __init__(self, train_data: Callable[[int], Arrays], device: torch.device) -> None:
+        self.train_data, self.device = train_data, device
+        self.epoch: int | None = None
+        self.tensors: tuple[torch.Tensor, ...] = ()
+
+    def get(self, epoch: int) -> tuple[torch.Tensor, ...]:
+        if self.epoch != epoch:
+            self.tensors, self.epoch = to_tensors(self.train_data(epoch), self.device), epoch
+        return self.tensors
+
+
+class ReportPlan:
+    """The reports of a run (`report_schedule`) and the rows each trains on; `stretch` re-plans
+    the number of epochs."""
+
+    def __init__(self, max_epochs: int, first_epoch_reports: int, reports_per_epoch: int, steps_per_epoch: int) -> None:
+        self.first_epoch_reports, self.reports_per_epoch = first_epoch_reports, reports_per_epoch
+        self.steps_per_epoch = steps_per_epoch
+        self.max_epochs = max_epochs
+        self.schedule = report_schedule(max_epochs, first_epoch_reports, reports_per_epoch)
+
+    def rows(self, part: int, parts: int, batch_size: int) -> slice:
+        """The rows of an epoch's report `part` of `parts`: whole batches, contiguous."""
+        return slice(part * self.steps_per_epoch // parts * batch_size,
+                     (part + 1) * self.steps_per_epoch // parts * batch_size)
+
+    def stretch(self, planned: int, done: int, optimizer, scheduler, params: Hyperparameters):
+        """`planned` epochs instead of `max_epochs`, `done` of them trained; returns the learning-rate
+        schedule to go on with: `scheduler` where the plan is unchanged or training ends here,
+        else one over the new plan, continued from where it stands."""
+        if planned == self.max_epochs:
+            return scheduler
+        self.max_epochs = planned
+        self.schedule = report_schedule(planned, self.first_epoch_reports, self.reports_per_epoch)
+        if planned <= done:
+            return scheduler
+        return one_cycle(optimizer, params, self.steps_per_epoch * planned, done_steps=self.steps_per_epoch * done)
 
 
 def restore(resume: dict[str, Any], model, optimizer, scheduler, device: torch.device) -> int:

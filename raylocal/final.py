@@ -13,33 +13,29 @@ workers re-plan it after every epoch from that epoch's time (fewer when they run
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raylocal.budget import START_SECONDS, TimeBudget
 from raylocal.config import OBJECTIVE, ConfigError, Hyperparameters
 from raylocal.resources import Layout
 
+if TYPE_CHECKING:
+    import torch
+
 # Without a time budget and without --final-epochs: twice the default search's longest trial.
 DEFAULT_FINAL_EPOCHS = 10
-# With a budget, at most this many epochs (on a GPU the budget would allow hundreds).
+# With a budget, at most this many epochs: a GPU's budget would allow far more (docs/decisions.md#max-final-epochs).
 MAX_FINAL_EPOCHS = 30
-# Two gloo workers on 2 cores trained 1,306 canvases/s against 768 for each of two one-worker
-# trials side by side (experiments/RESULTS.md, scaling): 0.85 per worker; planned with margin.
+# Each DDP worker's share of a one-worker trial's speed, with margin (docs/decisions.md#ddp-efficiency).
 DDP_EFFICIENCY = 0.8
 # Where a final run starts: the trial's best search checkpoint, or a fresh initialization.
 FINAL_INITS = ("checkpoint", "scratch")
-# A run continuing a checkpoint peaks at least at this share of the searched learning rate. From a
-# trial whose one-cycle had annealed, climbing back to the full rate threw most of its 5 epochs
-# away (val det IoU 0.9393 -> 0.8668 after the first final epoch, back above 0.94 only after 12).
-# Four epochs from that checkpoint: full rate 0.9384, 1/3 0.9427, 1/10 0.9428, 1/30 0.9411
-# (experiments/RESULTS.md, "The final run's learning rate"). A checkpoint taken before its
-# schedule annealed (a time budget ended the trial) continues at the rate it had reached instead
-# (`continued_lr`).
+# A run continuing an annealed checkpoint peaks at least at this share of the searched rate: the full
+# rate undid the search's epochs (docs/decisions.md#final-learning-rate); see `continued_lr`.
 FINAL_LR_SCALE = 0.3
 
 
@@ -205,26 +201,50 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
     if not chosen:
         raise RuntimeError(f"no trial reported {OBJECTIVE}; nothing to train"
                            + (" (the time budget ended the search first: give more --time-budget)" if budget else ""))
-    epochs, why = plan_epochs(settings, chosen, layout, data.train_epochs[0].rows, data.val.rows, budget)
-    cap = epoch_cap(settings, budget)
-    saved = saved_run(os.path.join(storage, "final", run_name(0, search_settings.seed)))
-    if saved:
-        # A resumed command keeps the plan its runs were started with: their schedules depend on it.
-        epochs = cap = saved.planned
-        why = f"{saved.planned} epochs per run, as planned when the final phase started"
-        if saved.workers != layout.workers:
-            raise ConfigError(f"the final phase was started with {saved.workers} workers and this cluster gives "
-                              f"{layout.workers}; resume it on a cluster of the same size")
+    epochs, cap, why = final_plan(settings, chosen, data, search_settings, layout, budget, storage)
     if epochs == 0:
         log(f"final: no time left for one epoch ({why}); exporting the search's best checkpoint")
         return None
+    plan = plan_line(settings, chosen, layout, why, budget)
+    log(plan)
+    runs = train_runs(chosen, settings, epochs, cap, data, search_settings, layout, budget, storage, log)
+    winner = pick_winner(runs)
+    stopped = winner.curve[-1]["epoch"] < winner.state["max_epochs"]
+    if stopped:
+        log(f"final: the time budget ended training after {winner.curve[-1]['epoch']:g} of "
+            f"{winner.state['max_epochs']} epochs")
+    return FinalOutcome(winner=winner, runs=runs, layout=layout, epochs=epochs, plan=plan, stopped_early=stopped)
+
+
+def final_plan(settings: FinalSettings, chosen: list[Candidate], data, search_settings, layout: Layout,
+               budget: TimeBudget | None, storage: str) -> tuple[int, int, str]:
+    """(epochs per run, the most a re-plan may reach, why): planned now, or as planned when a
+    resumed command's final phase started."""
+    epochs, why = plan_epochs(settings, chosen, layout, data.train_epochs[0].rows, data.val.rows, budget)
+    saved = saved_run(os.path.join(storage, "final", run_name(0, search_settings.seed)))
+    if not saved:
+        return epochs, epoch_cap(settings, budget), why
+    # A resumed command keeps the plan its runs were started with: their schedules depend on it.
+    if saved.workers != layout.workers:
+        raise ConfigError(f"the final phase was started with {saved.workers} workers and this cluster gives "
+                          f"{layout.workers}; resume it on a cluster of the same size")
+    return saved.planned, saved.planned, f"{saved.planned} epochs per run, as planned when the final phase started"
+
+
+def plan_line(settings: FinalSettings, chosen: list[Candidate], layout: Layout, why: str,
+              budget: TimeBudget | None) -> str:
+    """The line that says what the final phase trains, how and for how long."""
     start = "continued from its best search checkpoint" if settings.init == "checkpoint" else "trained from scratch"
     ranked = (f"ranked against the start point at its epoch {chosen[0].compared_at:g}"
               if chosen[0].compared_at is not None else "ranked by best validation det IoU")
-    plan = (f"final: {len(chosen)} configuration(s) ({ranked}) x {settings.seeds} seed(s), each {start} by a "
+    return (f"final: {len(chosen)} configuration(s) ({ranked}) x {settings.seeds} seed(s), each {start} by a "
             f"TorchTrainer with {layout.workers} worker(s) ({layout.dist_backend}, {layout.reason}); {why}"
             + ("; re-planned after every epoch from its measured time" if budget else ""))
-    log(plan)
+
+
+def train_runs(chosen: list[Candidate], settings: FinalSettings, epochs: int, cap: int, data, search_settings,
+               layout: Layout, budget: TimeBudget | None, storage: str, log) -> list[FinalRun]:
+    """Every chosen configuration with every seed, one after the other."""
     jobs = [(rank, candidate, seed) for rank, candidate in enumerate(chosen)
             for seed in range(search_settings.seed, search_settings.seed + settings.seeds)]
     runs = []
@@ -233,12 +253,7 @@ def run_final(results, data, search_settings, settings: FinalSettings, layout: L
         deadline = time.time() + (budget.deadline - time.time()) / (len(jobs) - index) if budget else None
         runs.append(train_final(candidate, seed, epochs, data, search_settings, layout, deadline, storage,
                                 name=run_name(rank, seed), cap=cap, log=log, lr_scale=settings.lr_scale))
-    winner = pick_winner(runs)
-    stopped = winner.curve[-1]["epoch"] < winner.state["max_epochs"]
-    if stopped:
-        log(f"final: the time budget ended training after {winner.curve[-1]['epoch']:g} of "
-            f"{winner.state['max_epochs']} epochs")
-    return FinalOutcome(winner=winner, runs=runs, layout=layout, epochs=epochs, plan=plan, stopped_early=stopped)
+    return runs
 
 
 def run_name(rank: int, seed: int) -> str:
@@ -264,23 +279,10 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     `data.train_stream`. A candidate with a checkpoint (`candidates(checkpoints=True)`) is trained
     on from it, its learning rate peaking at `continued_lr`; one without from scratch, at the
     searched rate."""
-    from ray import train
-    from ray.train.torch import TorchTrainer
-
-    from raylocal.data import stream_config, train_stream
-    from raylocal.ddp import torch_config
-    from raylocal.trial import TrialSettings, load_checkpoint_state
+    from raylocal.trial import TrialSettings
 
     params = Hyperparameters.from_dict(search_settings.fixed | candidate.config)
-    if params.batch_size < layout.workers:
-        raise ConfigError(f"batch_size {params.batch_size} cannot be split over {layout.workers} workers")
-    # The global batch the search tuned the learning rate for, split over the workers.
-    per_worker = replace(params, batch_size=params.batch_size // layout.workers)
-    # The best checkpoint is the best report's: the candidate's epoch.
-    init_epoch = candidate.epoch if candidate.checkpoint is not None else 0.0
-    warm = load_checkpoint_state(candidate.checkpoint) if init_epoch else None
-    if warm:
-        per_worker = replace(per_worker, lr=continued_lr(params.lr, lr_scale, warm))
+    per_worker, init_epoch, warm = worker_start(candidate, params, layout, lr_scale)
     settings = TrialSettings(max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
                              storage_path=storage, experiment_name=name, seed=seed, fixed={},
                              report_logs=search_settings.report_logs)
@@ -293,45 +295,78 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     # epochs of its own (it starts from the same weights, and would otherwise differ in dropout alone).
     offset = math.ceil(init_epoch) + (seed - search_settings.seed) * cap
     log(f"final: {name}: trial {candidate.trial_id} (search score {candidate.score:.4f}), seed {seed}, "
-        f"{epochs} epochs" + (f" from its search checkpoint at epoch {init_epoch:g}, peak learning rate "
-                              f"{per_worker.lr:.3g} ({per_worker.lr / params.lr:.2f} x the searched; its schedule "
-                              f"stood at {checkpoint_lr(warm):.3g} there, the least is {lr_scale:g} x)"
-                              if warm else " from scratch")
+        f"{epochs} epochs" + start_note(params, per_worker, init_epoch, warm, lr_scale)
         + (f", resuming after epoch {saved.done}" if saved else ""))
     if saved and saved.done >= saved.planned:
         state, placement = saved.state, saved.placement
     else:
-        trainer = TorchTrainer(
-            final_worker,
-            # Weights to start from, unless Ray Train resumes the run from a checkpoint of its own.
-            train_loop_config={"params": asdict(per_worker), "data": data, "settings": settings, "deadline": deadline,
-                               "cap": cap, "init": warm["model"] if warm and not saved else None},
-            torch_config=torch_config(layout.dist_backend),
-            scaling_config=train.ScalingConfig(num_workers=layout.workers, use_gpu=layout.uses_gpus,
-                                               resources_per_worker=layout.worker_resources()),
-            run_config=train.RunConfig(
-                # A stable name: `--resume` finds the run and Ray Train continues from its last checkpoint.
-                name=name, storage_path=os.path.dirname(run_dir),
-                failure_config=train.FailureConfig(max_failures=search_settings.max_failures),
-                checkpoint_config=train.CheckpointConfig(num_to_keep=1),
-            ),
-            # A function: Ray Train calls it each time it starts the workers, so workers restarted
-            # after a failure stream the epochs after their checkpoint, not the first ones again.
-            datasets={"train": lambda: train_stream(data, range(offset + finished_epochs(run_dir), offset + cap),
-                                                    paced=paced)},
-            dataset_config=stream_config(yield_cpu),
-        )
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-        state = load_checkpoint_state(result.checkpoint)
-        placement = {key: value for key, value in (result.metrics or {}).items() if key.startswith("worker_")}
+        loop_config = {"params": asdict(per_worker), "data": data, "settings": settings, "deadline": deadline,
+                       "cap": cap, "stream": True, "progress": True,
+                       # Weights to start from, unless Ray Train resumes the run from a checkpoint of its own.
+                       "init": warm["model"] if warm and not saved else None}
+        state, placement = fit_final(loop_config, run_dir, range(offset, offset + cap), name=name,
+                                     max_failures=search_settings.max_failures, yield_cpu=yield_cpu, paced=paced)
     curve = state["history"]
     log(f"final: {name}: {curve[-1]['epoch']:g} epochs, {time.perf_counter() - started:.0f} s in this command; "
         + validation_figures(curve[-1]))
     return FinalRun(candidate=candidate, seed=seed, params=params, state=state, curve=curve,
                     seconds=time.perf_counter() - started, placement=placement, init_epoch=init_epoch,
                     checkpoint_lr=checkpoint_lr(warm) if warm else None)
+
+
+def worker_start(candidate: Candidate, params: Hyperparameters, layout: Layout,
+                 lr_scale: float) -> tuple[Hyperparameters, float, dict[str, Any] | None]:
+    """(each worker's hyperparameters, the epochs of the checkpoint the run continues, that
+    checkpoint's state): the global batch the search tuned the learning rate for, split over the
+    workers, and a continued run's peak rate."""
+    from raylocal.trial import load_checkpoint_state
+
+    if params.batch_size < layout.workers:
+        raise ConfigError(f"batch_size {params.batch_size} cannot be split over {layout.workers} workers")
+    per_worker = replace(params, batch_size=params.batch_size // layout.workers)
+    # The best checkpoint is the best report's: the candidate's epoch.
+    init_epoch = candidate.epoch if candidate.checkpoint is not None else 0.0
+    warm = load_checkpoint_state(candidate.checkpoint) if init_epoch else None
+    if warm:
+        per_worker = replace(per_worker, lr=continued_lr(params.lr, lr_scale, warm))
+    return per_worker, init_epoch, warm
+
+
+def start_note(params: Hyperparameters, per_worker: Hyperparameters, init_epoch: float, warm: dict[str, Any] | None,
+               lr_scale: float) -> str:
+    """Where a final run starts, for its first line."""
+    if not warm:
+        return " from scratch"
+    return (f" from its search checkpoint at epoch {init_epoch:g}, peak learning rate {per_worker.lr:.3g} "
+            f"({per_worker.lr / params.lr:.2f} x the searched; its schedule stood at {checkpoint_lr(warm):.3g} there, "
+            f"the least is {lr_scale:g} x)")
+
+
+def fit_final(loop_config: dict[str, Any], run_dir: str, epochs: range, *, name: str, max_failures: int,
+              yield_cpu: bool, paced: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """A final run's TorchTrainer, its workers streaming the stream's `epochs` (less those a
+    resumed run has done); (its last checkpoint's state, where its workers ran)."""
+    from ray import train
+
+    from raylocal.data import stream_config, train_stream
+    from raylocal.trial import load_checkpoint_state, make_trainer
+
+    trainer = make_trainer(
+        loop_config["settings"].layout, loop_config,
+        # A stable name: `--resume` finds the run and Ray Train continues from its last checkpoint.
+        name=name, storage_path=os.path.dirname(run_dir), max_failures=max_failures,
+        checkpoint_config=train.CheckpointConfig(num_to_keep=1),
+        # A function: Ray Train calls it each time it starts the workers, so workers restarted
+        # after a failure stream the epochs after their checkpoint, not the first ones again.
+        datasets={"train": lambda: train_stream(loop_config["data"], epochs[finished_epochs(run_dir):],
+                                                paced=paced)},
+        dataset_config=stream_config(yield_cpu),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    placement = {key: value for key, value in (result.metrics or {}).items() if key.startswith("worker_")}
+    return load_checkpoint_state(result.checkpoint), placement
 
 
 def checkpoint_lr(state: dict[str, Any]) -> float:
@@ -384,33 +419,6 @@ def finished_epochs(run_dir: str) -> int:
     return saved.done if saved else 0
 
 
-def final_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every worker of a final run: the search's loop, its data streamed by Ray Data."""
-    from ray import train
-
-    from raylocal.data import StreamReader
-    from raylocal.trial import ddp_wrap, fit_this_rank, trial_device
-
-    context = train.get_context()
-    settings, data = loop_config["settings"], loop_config["data"]
-    # Ray Train's worker logging (on unless RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING=0) shows this
-    # logger's lines once, on the console and in the run's log file; a print would show twice
-    # (Ray Train tees prints into its logging).
-    log = logging.getLogger("raylocal.final")
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = trial_device(settings.layout, train_worker=True)
-    stream = StreamReader(train.get_dataset_shard("train"))
-    rows = data.train_epochs[0].rows // world_size
-    deadline = loop_config["deadline"]
-    fit_this_rank(
-        Hyperparameters(**loop_config["params"]), data, settings, session=train, rank=rank, world_size=world_size,
-        device=device, wrap=ddp_wrap(device, world_size), train_data=lambda epoch: stream.take(rows),
-        replan=fit_to_deadline(deadline, loop_config["cap"], device, world_size) if deadline else None,
-        init=loop_config.get("init"),
-        progress=lambda metrics, state: log.info(epoch_line(settings.experiment_name, metrics, state["max_epochs"])),
-    )
-
-
 def epoch_line(name: str, metrics: dict[str, Any], planned: int) -> str:
     """A final run's progress after each epoch, logged by its rank 0 (the driver shows workers'
     output unless --quiet): the run's only sign of life for minutes at a time."""
@@ -437,9 +445,9 @@ def agree(value: float, device: torch.device, world_size: int) -> float:
 def fit_to_deadline(deadline: float, cap: int, device: torch.device, world_size: int):
     """An `engine.fit` re-plan, asked after every epoch: the epochs done and as many more as fit
     before the deadline at the last epoch's pace (the slowest rank's), at most `cap`. The plan made
-    before the run rests on the search's speed, which DDP can miss by half (width 8 on 2 cores:
-    2,050 canvases/s planned as 3,741); the first epoch also holds the workers' warm-up, so the
-    second one corrects the first's pessimism."""
+    before the run rests on the search's speed, which DDP can miss widely; the first epoch also
+    holds the workers' warm-up, so the second one corrects the first's pessimism
+    (docs/decisions.md#final-replanning)."""
 
     def replan(done: int, seconds: float) -> int:
         seconds = agree(seconds, device, world_size)

@@ -63,12 +63,7 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
     best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="all", filter_nan_and_inf=True)
     checkpoint, epoch_metrics = best_checkpoint(best)
     search_validation = {key: float(value) for key, value in epoch_metrics.items() if key.startswith("val_")}
-    # Both are scored on the same validation split: a final run too short to catch up with the
-    # search's best checkpoint (a small time budget) does not replace it.
-    use_final = final is not None and final.winner.validation[OBJECTIVE] >= search_validation[OBJECTIVE]
-    if final is not None and not use_final:
-        log(f"final: validation {OBJECTIVE} {final.winner.validation[OBJECTIVE]:.4f} is below the search's best "
-            f"checkpoint ({search_validation[OBJECTIVE]:.4f}); exporting that checkpoint")
+    use_final = final_beats_search(final, search_validation, log)
     if not use_final:
         model, params, epoch = load_model(checkpoint)
         validation, trial_id, source = search_validation, best.metrics.get("trial_id"), "search"
@@ -76,13 +71,8 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
         # The final run's hyperparameters with the global batch, not the per-worker one its state holds.
         model, params, epoch = model_from_state(final.winner.state, final.winner.params)
         validation, trial_id, source = final.winner.validation, final.winner.candidate.trial_id, "final"
-    started = time.perf_counter()
-    device = torch.device("cpu")
-    # Scored as exported: validation, which ranked the trials, saw the network alone.
-    exported = for_inference(model, plan.views)
-    test = summarize(evaluate(exported, to_tensors(data.test.fetch(), device), params, device), "test")
-    log(f"{'final model of trial' if use_final else 'best trial'} {trial_id} epoch {epoch:g}: scored {data.test.rows:,} "
-        f"test canvases{views_note(plan.views)} in {time.perf_counter() - started:.1f}s")
+    test = score_test_split(model, params, data, plan.views, log,
+                      f"{'final model of trial' if use_final else 'best trial'} {trial_id} epoch {epoch:g}")
     summary = {
         "task": TASK,
         "experiment": plan.name,
@@ -94,16 +84,8 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
         "validation": validation,
         "test": test,
         "test_views": plan.views,
-        "data": {
-            "source": data.source, "sha256": data.sha256, "verified": data.verified,
-            "train_canvases_per_epoch": data.train_epochs[0].rows, "val_canvases": data.val.rows,
-            "test_canvases": data.test.rows, "seed": data.seed,
-        },
-        "search": {
-            "settings": plan.experiment.describe(), "trials": len(results), "errored_trials": len(errors),
-            "backend": settings.layout.backend, "workers_per_trial": settings.layout.workers,
-            "device": settings.layout.device, "gpus_per_worker": settings.layout.gpus_per_worker, "seed": settings.seed,
-            "wall_seconds_until_export": round(search_seconds, 1), "storage": f"{plan.storage}/{plan.name}",
+        "data": data_card(data),
+        "search": search_card(results, errors, settings, plan, search_seconds) | {
             "best_trial": {"trial_id": best.metrics.get("trial_id"), "epoch": float(epoch_metrics.get("epoch", 0)),
                            "validation": search_validation},
         },
@@ -111,6 +93,49 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
     }
     summary["export_dir"] = str(export_model(model, plan.export_dir, summary, views=plan.views, log=log))
     return summary
+
+
+def final_beats_search(final, search_validation: dict[str, float], log) -> bool:
+    """Whether the final phase's model is the one to export. Both are scored on the same validation
+    split: a final run too short to catch up with the search's best checkpoint (a small time
+    budget) does not replace it."""
+    if final is None:
+        return False
+    if final.winner.validation[OBJECTIVE] >= search_validation[OBJECTIVE]:
+        return True
+    log(f"final: validation {OBJECTIVE} {final.winner.validation[OBJECTIVE]:.4f} is below the search's best "
+        f"checkpoint ({search_validation[OBJECTIVE]:.4f}); exporting that checkpoint")
+    return False
+
+
+def score_test_split(model, params: Hyperparameters, data: SearchData, views: int, log, what: str) -> dict[str, float]:
+    """The test split's metrics of `model` as exported, on the CPU."""
+    started = time.perf_counter()
+    device = torch.device("cpu")
+    # Scored as exported: validation, which ranked the trials, saw the network alone.
+    exported = for_inference(model, views)
+    test = summarize(evaluate(exported, to_tensors(data.test.fetch(), device), params, device), "test")
+    log(f"{what}: scored {data.test.rows:,} test canvases{views_note(views)} in {time.perf_counter() - started:.1f}s")
+    return test
+
+
+def data_card(data: SearchData) -> dict[str, Any]:
+    """What the model card records of the data."""
+    return {
+        "source": data.source, "sha256": data.sha256, "verified": data.verified,
+        "train_canvases_per_epoch": data.train_epochs[0].rows, "val_canvases": data.val.rows,
+        "test_canvases": data.test.rows, "seed": data.seed,
+    }
+
+
+def search_card(results, errors: list, settings: TrialSettings, plan, search_seconds: float) -> dict[str, Any]:
+    """What the model card records of the search."""
+    return {
+        "settings": plan.experiment.describe(), "trials": len(results), "errored_trials": len(errors),
+        "backend": settings.layout.backend, "workers_per_trial": settings.layout.workers,
+        "device": settings.layout.device, "gpus_per_worker": settings.layout.gpus_per_worker, "seed": settings.seed,
+        "wall_seconds_until_export": round(search_seconds, 1), "storage": f"{plan.storage}/{plan.name}",
+    }
 
 
 def views_note(views: int) -> str:
