@@ -14,7 +14,7 @@ workers re-plan it after every epoch from that epoch's time (fewer when they run
 from __future__ import annotations
 
 import math
-import os
+import posixpath
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -221,7 +221,8 @@ def final_plan(settings: FinalSettings, chosen: list[Candidate], data, search_se
     """(epochs per run, the most a re-plan may reach, why): planned now, or as planned when a
     resumed command's final phase started."""
     epochs, why = plan_epochs(settings, chosen, layout, data.train_epochs[0].rows, data.val.rows, budget)
-    saved = saved_run(os.path.join(storage, "final", run_name(0, search_settings.seed)))
+    saved = saved_run(posixpath.join(storage, "final", run_name(0, search_settings.seed)),
+                      search_settings.storage_filesystem)
     if not saved:
         return epochs, epoch_cap(settings, budget), why
     # A resumed command keeps the plan its runs were started with: their schedules depend on it.
@@ -285,9 +286,10 @@ def train_final(candidate: Candidate, seed: int, epochs: int, data, search_setti
     per_worker, init_epoch, warm = worker_start(candidate, params, layout, lr_scale)
     settings = TrialSettings(max_epochs=epochs, first_epoch_reports=1, reports_per_epoch=1, layout=layout,
                              storage_path=storage, experiment_name=name, seed=seed, fixed={},
-                             report_logs=search_settings.report_logs)
-    run_dir = os.path.join(storage, "final", name)
-    saved = saved_run(run_dir)
+                             report_logs=search_settings.report_logs,
+                             storage_filesystem=search_settings.storage_filesystem)
+    run_dir = posixpath.join(storage, "final", name)
+    saved = saved_run(run_dir, settings.storage_filesystem)
     started = time.perf_counter()
     cap = max(epochs, cap or epochs)
     # The epochs the checkpoint trained on come first in the stream's numbering, so the run goes
@@ -351,14 +353,15 @@ def fit_final(loop_config: dict[str, Any], run_dir: str, epochs: range, *, name:
     from raylocal.data import stream_config, train_stream
     from raylocal.trial import load_checkpoint_state, make_trainer
 
+    fs = loop_config["settings"].storage_filesystem
     trainer = make_trainer(
         loop_config["settings"].layout, loop_config,
         # A stable name: `--resume` finds the run and Ray Train continues from its last checkpoint.
-        name=name, storage_path=os.path.dirname(run_dir), max_failures=max_failures,
+        name=name, storage_path=posixpath.dirname(run_dir), storage_filesystem=fs, max_failures=max_failures,
         checkpoint_config=train.CheckpointConfig(num_to_keep=1),
         # A function: Ray Train calls it each time it starts the workers, so workers restarted
         # after a failure stream the epochs after their checkpoint, not the first ones again.
-        datasets={"train": lambda: train_stream(loop_config["data"], epochs[finished_epochs(run_dir):],
+        datasets={"train": lambda: train_stream(loop_config["data"], epochs[finished_epochs(run_dir, fs):],
                                                 paced=paced)},
         dataset_config=stream_config(yield_cpu),
     )
@@ -392,16 +395,18 @@ class SavedRun:
     placement: dict[str, str]
 
 
-def saved_run(run_dir: str) -> SavedRun | None:
-    """The last checkpoint of a final run started earlier, or None for a new run."""
+def saved_run(run_dir: str, fs=None) -> SavedRun | None:
+    """The last checkpoint of a final run started earlier, or None for a new run; `fs`: pyarrow's
+    filesystem of `run_dir` where it is on object storage."""
+    from pyarrow import fs as pafs
     from ray.train import Result
 
     from raylocal.trial import load_checkpoint_state
 
-    if "://" not in run_dir and not os.path.isdir(run_dir):
+    if (fs or pafs.LocalFileSystem()).get_file_info(run_dir).type != pafs.FileType.Directory:
         return None
     try:
-        result = Result.from_path(run_dir)
+        result = Result.from_path(run_dir, storage_filesystem=fs)
     except Exception:  # noqa: BLE001 - a run killed before its first checkpoint leaves no readable state
         return None
     if result.checkpoint is None:
@@ -412,10 +417,10 @@ def saved_run(run_dir: str) -> SavedRun | None:
                     state=state, placement=placement)
 
 
-def finished_epochs(run_dir: str) -> int:
+def finished_epochs(run_dir: str, fs=None) -> int:
     """Epochs a final run already has a checkpoint of (0 for a new run): a resumed run's
     stream starts after them."""
-    saved = saved_run(run_dir)
+    saved = saved_run(run_dir, fs)
     return saved.done if saved else 0
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -15,6 +16,7 @@ from raylocal.budget import TimeBudget, first_rung_seconds, most_trials, trainin
 from raylocal.config import ConfigError, Hyperparameters
 from raylocal.plan import Plan, check_destinations, plan_search, save_manifest
 from raylocal.settings import Settings
+from raylocal.storage import Storage, StorageError, one_line
 
 
 def run(settings: Settings, log=print) -> dict[str, Any]:
@@ -44,17 +46,37 @@ def run_search(plan: Plan, log=print, started: float | None = None) -> dict[str,
     final = None
     if plan.final.enabled:
         final = run_final(results, data, trial_settings, plan.final, cluster_final_layout(settings), time_budget,
-                          plan.experiment_dir, log=log, start_point=plan.experiment.kept_start_point())
+                          plan.folder.path, log=log, start_point=plan.experiment.kept_start_point())
     summary = export_best(results, data, trial_settings, plan, search_seconds=time.time() - started, final=final,
                           log=log)
     summary["search"]["trials_planned"] = plan.experiment.budget.trials
     summary["search"]["ended_by_time_budget"] = bool(time_budget) and len(results) < plan.experiment.budget.trials
-    if "://" not in plan.storage:
-        from raylocal.report import write_report
-
-        summary["report"] = str(write_report(Path(plan.storage) / plan.name, log=log))
+    if plan.folder.remote:
+        summary["export_uri"] = upload(plan.folder.child("best_model"), summary["export_dir"], "export", log)
+    summary["report"] = publish_report(plan, log)
     log(summary_table(summary))
     return summary
+
+
+def upload(destination: Storage, folder: str | Path, what: str, log=print) -> str:
+    """A folder written and checked on this machine, copied whole to the search's storage."""
+    try:
+        destination.upload(folder)
+    except OSError as error:
+        raise StorageError(f"cannot upload the {what} to {destination.uri}: {one_line(error)}") from None
+    log(f"{what}: uploaded to {destination.uri}")
+    return destination.uri
+
+
+def publish_report(plan: Plan, log=print) -> str:
+    """The search's report in its folder; on object storage built here, then uploaded."""
+    from raylocal.report import write_report
+
+    if not plan.folder.remote:
+        return str(write_report(plan.folder.local(), log=log))
+    with tempfile.TemporaryDirectory(prefix="raylocal-report-") as folder:
+        write_report(plan.folder, out_dir=folder, log=log)
+        return upload(plan.folder.child("report"), folder, "report", log)
 
 
 def run_trials(plan: Plan, time_budget: TimeBudget | None, log=print):
@@ -77,9 +99,9 @@ def run_trials(plan: Plan, time_budget: TimeBudget | None, log=print):
     data = build_search_data(mnist, experiment.data, budget.max_epochs, settings.seed, log=log)
     trial_settings = TrialSettings(
         max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,
-        reports_per_epoch=budget.reports_per_epoch, layout=layout, storage_path=plan.storage,
-        experiment_name=plan.name, seed=settings.seed, fixed=asdict(experiment.fixed),
-        report_logs=settings.verbose >= 3 and not settings.quiet,
+        reports_per_epoch=budget.reports_per_epoch, layout=layout, storage_path=plan.folder.parent().path,
+        storage_filesystem=plan.folder.ray_filesystem, experiment_name=plan.name, seed=settings.seed,
+        fixed=asdict(experiment.fixed), report_logs=settings.verbose >= 3 and not settings.quiet,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, settings=trial_settings),
                                     layout.trial_resources())

@@ -134,7 +134,7 @@ def search_card(results, errors: list, settings: TrialSettings, plan, search_sec
         "settings": plan.experiment.describe(), "trials": len(results), "errored_trials": len(errors),
         "backend": settings.layout.backend, "workers_per_trial": settings.layout.workers,
         "device": settings.layout.device, "gpus_per_worker": settings.layout.gpus_per_worker, "seed": settings.seed,
-        "wall_seconds_until_export": round(search_seconds, 1), "storage": f"{plan.storage}/{plan.name}",
+        "wall_seconds_until_export": round(search_seconds, 1), "storage": plan.experiment_dir,
     }
 
 

@@ -60,6 +60,12 @@ class Storage:
         uri = urlunsplit(split._replace(path=posixpath.dirname(split.path.rstrip("/"))))
         return Storage(uri, self.fs, posixpath.dirname(self.path.rstrip("/")))
 
+    @property
+    def ray_filesystem(self):
+        """What Ray's `storage_filesystem` takes: this filesystem for object storage, None for a
+        local folder (Ray's default there)."""
+        return self.fs if self.remote else None
+
     def local(self) -> Path | None:
         """The folder on this machine's disk, or None for object storage."""
         return None if self.remote else Path(self.path)

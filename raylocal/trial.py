@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import posixpath
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -36,12 +37,13 @@ class TrialSettings:
     first_epoch_reports: int
     reports_per_epoch: int
     layout: Layout
-    storage_path: str
+    storage_path: str  # a folder, or a path in `storage_filesystem`
     experiment_name: str
     seed: int
     fixed: dict[str, Any]
     max_failures: int = 2
     report_logs: bool = False  # Ray's per-report log lines (`--verbose 3`); see `ray_report_logs`
+    storage_filesystem: Any = None  # pyarrow's, for object storage (`raylocal.storage`); None: local
 
 
 def save_checkpoint_dir(state: dict[str, Any], directory: str) -> None:
@@ -268,7 +270,7 @@ def ddp_wrap(device: torch.device, world_size: int):
 
 
 def make_trainer(layout: Layout, loop_config: dict[str, Any], *, name: str, storage_path: str, max_failures: int,
-                 checkpoint_config, callbacks=(), datasets=None, dataset_config=None):
+                 checkpoint_config, callbacks=(), datasets=None, dataset_config=None, storage_filesystem=None):
     """The TorchTrainer of every DDP run raylocal starts, a trial's or a final run's: `layout`'s
     workers, each running `train_worker(loop_config)`, in `raylocal.ddp`'s process group."""
     from ray.train.torch import TorchTrainer
@@ -285,6 +287,7 @@ def make_trainer(layout: Layout, loop_config: dict[str, Any], *, name: str, stor
         run_config=train.RunConfig(
             name=name,
             storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             callbacks=list(callbacks) or None,
             failure_config=train.FailureConfig(max_failures=max_failures),
             checkpoint_config=checkpoint_config,
@@ -303,7 +306,8 @@ def train_distributed(params: Hyperparameters, data: SearchData, settings: Trial
         {"params": asdict(params), "data": data, "settings": settings},
         # A stable name per trial lets a restarted trial find its Train run and resume it.
         name=f"{settings.experiment_name}-train-{trial_id}",
-        storage_path=os.path.join(settings.storage_path, f"{settings.experiment_name}-train-runs"),
+        storage_path=posixpath.join(settings.storage_path, f"{settings.experiment_name}-train-runs"),
+        storage_filesystem=settings.storage_filesystem,
         max_failures=settings.max_failures,
         checkpoint_config=train.CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"

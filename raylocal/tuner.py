@@ -88,7 +88,7 @@ def make_tuner(plan: Plan, trainable, layout, max_failures: int,
     if plan.resume:
         recover_replaced_checkpoints(plan.folder, log)
         return tune.Tuner.restore(plan.folder.path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=plan.folder.fs)
+                                  storage_filesystem=plan.folder.ray_filesystem)
     budget = plan.experiment.budget
     tune_config = tune.TuneConfig(
         metric=OBJECTIVE,
@@ -106,7 +106,7 @@ def make_tuner(plan: Plan, trainable, layout, max_failures: int,
     run_config = tune.RunConfig(
         name=plan.name,
         storage_path=plan.folder.parent().path,
-        storage_filesystem=plan.folder.fs,
+        storage_filesystem=plan.folder.ray_filesystem,
         progress_reporter=progress_reporter(plan),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=OBJECTIVE,
                                                 checkpoint_score_order="max"),
