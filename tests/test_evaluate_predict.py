@@ -83,6 +83,24 @@ def test_evaluation_is_deterministic(evaluated):
     assert evaluated.results[0]["metrics"] == evaluated.results[1]["metrics"]
 
 
+def test_evaluation_times_the_export_on_this_machine(evaluated):
+    latency = evaluated.results[0]["latency"]
+    assert list(latency["views"]) == ["1"] and len(latency["views"]["1"]) == 4
+    assert all(value > 0 for value in latency["views"]["1"].values())
+
+
+@pytest.mark.parametrize("module", ["evaluate", "predict"])
+def test_help_answers_without_torch_or_ray(module):
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.argv = ['x', '--help']; import raylocal.{module} as m\n"
+            "try:\n    m.cli()\nexcept SystemExit:\n    pass\n"
+            "print(sorted({'torch', 'ray', 'onnxruntime'} & set(sys.modules)))")
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert process.stdout.strip().splitlines()[-1] == "[]", process.stdout + process.stderr
+
+
 @pytest.mark.parametrize("name", ["predictions.png", "worst.png"])
 def test_grids_are_8_by_4_tiles(evaluated, name):
     with Image.open(evaluated.out / name) as image:
