@@ -154,16 +154,12 @@ def write_programs(model, folder: Path) -> tuple[Path, Path]:
 
 
 def architecture_ms(config, views: int = 1, batch: int = 1, bound_s: float = BOUND_S) -> float:
-    """Milliseconds per canvas of the torch.export program of a model built from `config` with random
-    weights (weights do not change the time), on the CPU: what the search report plots."""
-    import torch
-
+    """Milliseconds per canvas of a model built from `config` with random weights (weights do not change
+    the time), on the CPU: what the search report plots. Eager, not exported: export costs seconds per
+    architecture, and model.pt2's program runs the same kernels."""
     from raylocal.model import build_model, for_inference
 
-    model = for_inference(build_model(config), views).eval()
-    example = (torch.from_numpy(canvases(2)),)
-    program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).module()
-    return torch_ms(program, batch, "cpu", bound_s)
+    return torch_ms(for_inference(build_model(config), views).eval(), batch, "cpu", bound_s)
 
 
 def table(latency: dict, title: str = "") -> str:
