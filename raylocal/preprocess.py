@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raylocal.synthesis import CANVAS, DIGIT
 
@@ -76,7 +76,9 @@ def read_image(source: str | os.PathLike | bytes) -> Image.Image:
             return ImageOps.exif_transpose(opened).convert("L")
     except ImageError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (PNG, JPEG or another format PIL reads)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ImageError(f"{name}: cannot read as an image: {str(error).splitlines()[0] if str(error) else error!r}") \
             from error
 
