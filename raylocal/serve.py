@@ -169,9 +169,10 @@ def parse_canvases(body: bytes) -> list:
 
 
 class Predictor:
-    """The export's model on one device: (logits, boxes) as numpy for uint8 canvases [N,75,75]."""
+    """The export's model on one device: (logits, boxes) as numpy for uint8 canvases [N,75,75]. Built
+    from the file's bytes, so that a replica on another node needs no copy of the export."""
 
-    def __init__(self, export_dir: Path, device: str = "cpu", threads: int = 1):
+    def __init__(self, model: bytes, device: str = "cpu", threads: int = 1):
         self.device = device
         if device == "cpu":
             import onnxruntime
@@ -179,18 +180,25 @@ class Predictor:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-            self.session = onnxruntime.InferenceSession(str(export_dir / "model.onnx"), options,
-                                                        providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         else:
-            from raylocal.latency import load_pt2
+            import io
 
-            self.program = load_pt2(export_dir / "model.pt2", device)
+            import torch
+            from torch.export.passes import move_to_device_pass
+
+            # Traced on the CPU: the program's constants move with it (raylocal.latency.load_pt2).
+            self.program = move_to_device_pass(torch.export.load(io.BytesIO(model)), device).module()
+
+    @classmethod
+    def of(cls, export_dir: Path, device: str = "cpu", threads: int = 1) -> Predictor:
+        return cls(model_bytes(export_dir, device), device, threads)
 
     def __call__(self, canvases):
         import numpy as np
 
         if self.device == "cpu":
-            images = (canvases[:, None].astype(np.float32) / np.float32(255))
+            images = canvases[:, None].astype(np.float32) / np.float32(255)
             logits, boxes = self.session.run(["logits", "boxes"], {"images": images})
             return logits, boxes
         import torch
@@ -199,6 +207,10 @@ class Predictor:
 
         logits, boxes = run_program(self.program, torch.from_numpy(canvases).to(self.device))
         return logits.float().cpu().numpy(), boxes.float().cpu().numpy()
+
+
+def model_bytes(export_dir: Path, device: str) -> bytes:
+    return (export_dir / ("model.onnx" if device == "cpu" else "model.pt2")).read_bytes()
 
 
 # --- the Serve application ----------------------------------------------------------------------------
@@ -216,8 +228,8 @@ def deployment(export_dir: Path, device: str, max_batch_size: int, batch_wait_s:
 
     @serve.deployment
     class Localizer:
-        def __init__(self, threads: int):
-            self.predictor = Predictor(export_dir, device, threads)
+        def __init__(self, model: bytes, threads: int):
+            self.predictor = Predictor(model, device, threads)
             self.infer.set_max_batch_size(max_batch_size)
             self.infer.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -261,7 +273,8 @@ def build(export_dir: str | Path, *, device: str = "cpu", replicas: int = 1, aut
                # Room for a full batch to wait while one runs.
                "max_ongoing_requests": 2 * max_batch_size, **scaling}
     localizer = deployment(export_dir, device, max_batch_size, batch_wait_ms / 1000)
-    return localizer.options(**options).bind(cpus_per_replica)
+    # The model travels as bytes through Ray's object store: replicas need no copy of the folder.
+    return localizer.options(**options).bind(model_bytes(export_dir, device), cpus_per_replica)
 
 
 def app_builder(args: dict):

@@ -234,3 +234,22 @@ def test_help_imports_neither_torch_nor_ray():
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "--max-batch-size" in process.stdout and "--host" in process.stdout
     assert process.stdout.strip().splitlines()[-1] == "[]", process.stdout + process.stderr
+
+
+def test_serve_yaml_builds_the_same_application(export_dir):
+    """serve.yaml names an app builder that takes its args (the export folder put where the test has one)."""
+    import importlib
+
+    import yaml
+
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "serve.yaml").read_text())
+    assert ServeDeploySchema.model_validate(config).http_options.host == "127.0.0.1"
+    [app] = config["applications"]
+    module, _, name = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    application = builder(app["args"] | {"export_dir": str(export_dir), "device": "cpu"})
+    assert type(application).__name__ == "Application"
+    with pytest.raises(serve.UsageError, match="is not an export"):
+        builder(app["args"] | {"device": "cpu"})
