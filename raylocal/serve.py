@@ -292,6 +292,9 @@ def app_builder(args: dict):
 
 def main(args: argparse.Namespace, log=print) -> None:
     export_dir = local_export(args.export_dir)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log(f"WARNING: --host {args.host}: Serve's HTTP has no authentication; whoever reaches port {args.port} "
+            "there can use the model (docs/serving.md#binding-what---host-exposes)")
     from raylocal.cluster import connect
 
     with connect(args.address, log=log):
