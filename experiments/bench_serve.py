@@ -6,7 +6,8 @@ dynamic batching as `raylocal serve` sets it and, to see what batching wins back
 one. Each request has a timeout; a failed or lost one is counted, not retried. In one process:
 model.onnx on onnxruntime at batch 64 over the same canvases, and what decoding and preprocessing a
 PNG costs on one thread. Printed: canvases per second, p50 and p99 latency per request, and the
-ratio of Serve's throughput to onnxruntime's.
+ratio of Serve's throughput to onnxruntime's; and, for what HTTP and Serve cost alone, the rate
+of GET /healthz requests.
 
 The model's weights do not change its speed: without --export-dir, a model of the default size
 (or --depth/--width) with random weights is exported with --views views to a temporary folder.
@@ -91,9 +92,9 @@ def in_process(export_dir: Path, canvases: np.ndarray, bodies: list[bytes]) -> f
     return rate
 
 
-def post(url: str, body: bytes, timeout: float) -> float | None:
-    """Seconds the request took, or None when it failed."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"})
+def post(url: str, body: bytes | None, timeout: float) -> float | None:
+    """Seconds the request took, or None when it failed (a GET without a body)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"} if body else {})
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -103,8 +104,8 @@ def post(url: str, body: bytes, timeout: float) -> float | None:
         return None
 
 
-def load(url: str, bodies: list[bytes], args, label: str) -> float:
-    """`args.requests` requests from `args.clients` clients; canvases/s through Serve."""
+def load(url: str, bodies: list[bytes | None], args, label: str) -> float:
+    """`args.requests` requests from `args.clients` clients; canvases (requests) per second through Serve."""
     with ThreadPoolExecutor(args.clients) as clients:  # warm-up: a round per client
         list(clients.map(lambda i: post(url, bodies[i % len(bodies)], args.timeout), range(args.clients)))
         started = time.perf_counter()
@@ -140,6 +141,8 @@ def through_serve(export_dir: Path, bodies: list[bytes], args) -> dict[str, floa
                                            cpus_per_replica=args.cpus_per_replica)
                 serve.run(app, name=raylocal_serve.APP_NAME, route_prefix="/")
                 rates[label] = load(url, bodies, args, label)
+            # HTTP and Serve's hops alone: no decoding, no model.
+            load(url.replace("/predict", "/healthz"), [None], args, "GET /healthz (no decoding, no model)")
         finally:
             serve.shutdown()
     return rates

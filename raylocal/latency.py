@@ -97,7 +97,6 @@ def onnx_ms(session, batch: int, bound_s: float = BOUND_S) -> float:
 def measure(pt2: Path, onnx: Path, device: str = "cpu", bound_s: float = BOUND_S) -> dict[str, float]:
     """{"model.pt2 batch 1": ms, ...} for both files at each of BATCHES."""
     import onnxruntime
-    import torch
 
     program = load_pt2(pt2, device)
     session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])

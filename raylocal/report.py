@@ -263,8 +263,8 @@ def front_lines(front: list[dict], ms: dict[int, float]) -> list[str]:
         return []
     points = ", ".join(f"#{r['trial']} ({ms[r['trial']]:.3g} ms, {r[BEST]:.4f})" for r in front)
     return ["", "## Accuracy against latency", "",
-            f"Pareto front (best {OBJECTIVE} for its latency per canvas, batch 1, one view, fastest first): "
-            f"{points}. See [latency.png](latency.png)."]
+            (f"Pareto front (best {OBJECTIVE} for its latency per canvas, batch 1, one view, fastest first): "
+             f"{points}. See [latency.png](latency.png).")]
 
 
 def cell(value: Any) -> str:

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_digits
 from PIL import Image
 from torchvision.ops import box_iou
 
-from conftest import tiny_digits
 from raylocal import drawing, evaluate, predict, preprocess
 from raylocal.config import DataSettings, ModelConfig
 from raylocal.export import export_model, load_program

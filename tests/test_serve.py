@@ -241,7 +241,6 @@ def test_serve_yaml_builds_the_same_application(export_dir):
     import importlib
 
     import yaml
-
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load((Path(__file__).parents[1] / "serve.yaml").read_text())
