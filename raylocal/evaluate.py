@@ -167,13 +167,18 @@ def main(args: argparse.Namespace, log=print) -> dict:
     return result
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What `main` raises for a user's mistake (one line, exit 2); imported only once needed (torch)."""
+    from raylocal.export import ExportError
+
+    return UsageError, ExportError, IdxFormatError, MnistHashError, MnistNotFoundError
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     # Parsed once before the heavy imports, so that --help and usage errors answer at once.
     parser.parse_args(argv)
-    from raylocal.export import ExportError
-
-    return run(parser, main, (UsageError, ExportError, IdxFormatError, MnistHashError, MnistNotFoundError), argv)
+    return run(parser, main, user_errors(), argv)
 
 
 if __name__ == "__main__":

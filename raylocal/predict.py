@@ -65,14 +65,19 @@ def annotate(canvas, result: dict, out: Path) -> None:
     draw_tile(canvas, [(box, PRED_COLOR)], [f"pred {result['label']} ({result['confidence']:.2f})"], "white").save(out)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What `main` raises for a user's mistake (one line, exit 2); imported only once needed (torch)."""
+    from raylocal.export import ExportError
+    from raylocal.preprocess import ImageError
+
+    return UsageError, ExportError, ImageError
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     # Parsed once before the heavy imports, so that --help and usage errors answer at once.
     parser.parse_args(argv)
-    from raylocal.export import ExportError
-    from raylocal.preprocess import ImageError
-
-    return run(parser, main, (UsageError, ExportError, ImageError), argv)
+    return run(parser, main, user_errors(), argv)
 
 
 if __name__ == "__main__":

@@ -325,13 +325,18 @@ def wait_for_a_signal() -> None:
     stop.wait()
 
 
-def cli(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    # Parsed once before the heavy imports, so that --help and usage errors answer at once.
-    parser.parse_args(argv)
+def user_errors() -> tuple[type[Exception], ...]:
+    """What `main` raises for a user's mistake (one line, exit 2)."""
     from raylocal.config import ConfigError
 
-    return run(parser, main, (UsageError, ConfigError), argv)
+    return UsageError, ConfigError
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    # Parsed once, before Ray is imported, so that --help and usage errors answer at once.
+    parser.parse_args(argv)
+    return run(parser, main, user_errors(), argv)
 
 
 if __name__ == "__main__":
