@@ -15,19 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 from raylocal.cli import UsageError, run
 from raylocal.config import DataSettings
-from raylocal.drawing import COLUMNS, PRED_COLOR, ROWS, TRUE_COLOR, draw_tile, grid
-from raylocal.export import ExportError, load_export, run_program
-from raylocal.metrics import score_batches, summarize
 from raylocal.mnist import IdxFormatError, MnistHashError, MnistNotFoundError, load_mnist
 from raylocal.synthesis import split_plan, synthesize_split
 
+# torch and the export's modules are imported where used: `--help` answers without them.
 Arrays = dict[str, np.ndarray]
-USER_ERRORS = (UsageError, ExportError, IdxFormatError, MnistHashError, MnistNotFoundError)
 
 
 def positive_int(text: str) -> int:
@@ -64,16 +59,23 @@ def rebuild_test_split(mnist, seed: int, data: DataSettings, limit: int | None) 
     return {key: split[key] for key in ("image", "box", "label")}
 
 
-def score(program: torch.nn.Module, split: Arrays, batch_size: int) -> tuple[torch.Tensor, Arrays]:
-    """Metric sums, and per canvas: predicted label, confidence, box and IoU (the loss slot stays 0:
-    the loss depends on training hyperparameters, not on the artefact)."""
+def score(program, split: Arrays, batch_size: int):
+    """Metric sums (a tensor), and per canvas: predicted label, confidence, box and IoU (the loss slot
+    stays 0: the loss depends on training hyperparameters, not on the artefact)."""
+    import torch
+
+    from raylocal.export import run_program
+    from raylocal.metrics import score_batches
+
     columns = (torch.from_numpy(split[key]) for key in ("image", "box", "label"))
     sums, outputs = score_batches(lambda images: run_program(program, images), *columns, batch_size=batch_size,
                                   keep_outputs=True)
     return sums, {key: value.numpy() for key, value in outputs.items()}
 
 
-def tiles_for(indices: np.ndarray, split: Arrays, outputs: Arrays) -> list[Image.Image]:
+def tiles_for(indices: np.ndarray, split: Arrays, outputs: Arrays) -> list:
+    from raylocal.drawing import PRED_COLOR, TRUE_COLOR, draw_tile
+
     tiles = []
     for i in indices:
         wrong = outputs["label"][i] != split["label"][i]
@@ -104,7 +106,30 @@ def read_card(export_dir: Path, log) -> dict:
         raise UsageError(f"{path}: unreadable: {error}") from error
 
 
+def latency_here(export_dir: Path, card: dict, log) -> dict:
+    """model.pt2 and model.onnx timed on this machine (model.pt2 on its GPU if it has one), printed
+    beside the model card's figures from the exporting machine."""
+    import torch
+
+    from raylocal import latency
+
+    config = json.loads((export_dir / "config.json").read_text()) if (export_dir / "config.json").is_file() else {}
+    views = config.get("test_time", {}).get("views", 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    measured = {"unit": "ms per canvas",
+                "device": {"model.pt2": latency.device_name(device), "model.onnx": latency.device_name("cpu")},
+                "views": {str(views): latency.measure(export_dir / "model.pt2", export_dir / "model.onnx", device)}}
+    log("latency on this machine:\n" + latency.table(measured))
+    if card.get("latency"):
+        log("latency in the model card (the exporting machine):\n" + latency.table(card["latency"]))
+    return measured
+
+
 def main(args: argparse.Namespace, log=print) -> dict:
+    from raylocal.drawing import COLUMNS, ROWS, grid
+    from raylocal.export import load_export
+    from raylocal.metrics import summarize
+
     program = load_export(args.export_dir)
     card = read_card(args.export_dir, log)
     searched = card.get("search", {}).get("settings", {}).get("data", {})
@@ -129,6 +154,7 @@ def main(args: argparse.Namespace, log=print) -> dict:
         "export_dir": str(args.export_dir.absolute()), "canvases": count, "metrics": metrics,
         "data": {"source": mnist.source, "verified": mnist.verified, "seed": seed,
                  "tight_boxes": data.tight_boxes},
+        "latency": latency_here(args.export_dir, card, log),
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     shown = COLUMNS * ROWS
@@ -141,8 +167,18 @@ def main(args: argparse.Namespace, log=print) -> dict:
     return result
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What `main` raises for a user's mistake (one line, exit 2); imported only once needed (torch)."""
+    from raylocal.export import ExportError
+
+    return UsageError, ExportError, IdxFormatError, MnistHashError, MnistNotFoundError
+
+
 def cli(argv: list[str] | None = None) -> int:
-    return run(get_args_parser(), main, USER_ERRORS, argv)
+    parser = get_args_parser()
+    # Parsed once before the heavy imports, so that --help and usage errors answer at once.
+    parser.parse_args(argv)
+    return run(parser, main, user_errors(), argv)
 
 
 if __name__ == "__main__":

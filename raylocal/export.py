@@ -28,6 +28,8 @@ import torch
 
 from raylocal.config import ModelConfig
 from raylocal.engine import as_batch
+from raylocal.latency import export_latency
+from raylocal.latency import table as latency_table
 from raylocal.model import NUM_CLASSES, SHIFTS, Localizer, build_model, for_inference
 from raylocal.synthesis import CANVAS
 
@@ -37,7 +39,7 @@ ATOL = 1e-4
 # would freeze the batch dimension. Checking 1 and 3 then proves it stayed dynamic.
 TRACE_BATCH = 2
 CHECK_BATCHES = (3, 1)
-RESERVED_CARD_KEYS = ("files", "versions", "exported_at")
+RESERVED_CARD_KEYS = ("files", "versions", "exported_at", "latency")
 
 
 class ExportError(RuntimeError):
@@ -165,8 +167,12 @@ def _write_export(model: Localizer, out: Path, card: dict, views: int, log: Call
     })
     _wrote(out / "config.json", log)
 
+    # On the CPU, where model.pt2 was traced and model.onnx runs: `raylocal evaluate` adds a GPU's figures.
+    latency = export_latency(network, views, out)
+    log("latency on this machine:\n" + latency_table(latency))
     _write_json(out / "model_card.json", {
         **card,
+        "latency": latency,
         "files": {p.name: _sha256(p) for p in sorted(out.iterdir())},
         "versions": _versions(),
         "exported_at": datetime.now(timezone.utc).isoformat(),

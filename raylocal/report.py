@@ -36,7 +36,11 @@ PLOTS = {
     "params.png": f"each trial's best {OBJECTIVE} against each searched hyperparameter",
     "importance.png": f"fANOVA importance of each hyperparameter for the trials' best {OBJECTIVE} (Optuna)",
     "learning_curves.png": f"{OBJECTIVE}, val_accuracy and val_mean_iou per epoch of the {TOP_CURVES} best trials",
+    "latency.png": f"each trial's best {OBJECTIVE} against its model's latency per canvas (batch 1, one view, "
+                   "this machine's CPU; timed once per architecture), the Pareto front joined",
 }
+# What sets a model's speed: the rest of a trial's configuration changes only its weights.
+ARCHITECTURE = ("depth", "width", "head_width", "box_head")
 
 
 def finite(value: Any) -> bool:
@@ -212,11 +216,62 @@ def plot_curves(trials: list[dict[str, Any]]) -> Figure:
     return figure
 
 
+def latencies(records: list[dict[str, Any]], experiment_dir: Path) -> tuple[dict[int, float], str]:
+    """ms per canvas of each trial's model (by trial number), each architecture timed once with random
+    weights; and the CPU it was timed on."""
+    from raylocal import latency
+    from raylocal.config import Experiment, Hyperparameters, ModelConfig
+
+    described = read_manifest(experiment_dir).get("experiment")
+    fixed = Experiment.from_description(described).fixed if described else Hyperparameters()
+    base = {name: getattr(fixed, name) for name in ARCHITECTURE}
+    timed: dict[tuple, float] = {}
+    by_trial = {}
+    for record in records:
+        config = {name: record[name] if record.get(name) is not None else base[name] for name in ARCHITECTURE}
+        key = tuple(config.values())
+        if key not in timed:
+            timed[key] = latency.architecture_ms(ModelConfig(**config), bound_s=0.5)
+        by_trial[record["trial"]] = timed[key]
+    return by_trial, latency.device_name("cpu")
+
+
+def plot_latency(records: list[dict[str, Any]], ms: dict[int, float], device: str) -> tuple[Figure, list[dict]]:
+    """The figure, and the trials on the Pareto front (fastest first)."""
+    from raylocal.latency import pareto_front
+
+    scored = [r for r in records if finite(r[BEST])]
+    points = [(ms[r["trial"]], r[BEST]) for r in scored]
+    front = [scored[i] for i in pareto_front(points)]
+    figure = Figure(figsize=(9, 4.5), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    scatter_by_reason(axes, [(x, y, r["stop_reason"]) for (x, y), r in zip(points, scored)])
+    axes.step([ms[r["trial"]] for r in front], [r[BEST] for r in front], where="post", color="black",
+              label="Pareto front", zorder=2)
+    for record in front:
+        axes.annotate(f"#{record['trial']}", (ms[record["trial"]], record[BEST]), textcoords="offset points",
+                      xytext=(4, -10), fontsize=8)
+    axes.set(xlabel=f"ms per canvas (batch 1, one view; {device})", ylabel=f"best {OBJECTIVE}",
+             title=f"Accuracy against latency ({len(scored)} trials)")
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside right upper")
+    return figure, front
+
+
+def front_lines(front: list[dict], ms: dict[int, float]) -> list[str]:
+    """report.md's line on the Pareto front."""
+    if not front:
+        return []
+    points = ", ".join(f"#{r['trial']} ({ms[r['trial']]:.3g} ms, {r[BEST]:.4f})" for r in front)
+    return ["", "## Accuracy against latency", "",
+            (f"Pareto front (best {OBJECTIVE} for its latency per canvas, batch 1, one view, fastest first): "
+             f"{points}. See [latency.png](latency.png).")]
+
+
 def cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else "–" if value is None else str(value)
 
 
-def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path) -> str:
+def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path, extra: list[str] = ()) -> str:
     records = [trial["record"] for trial in trials]
     counts = [f"{sum(r['stop_reason'] == reason for r in records)} {reason}" for reason in COLORS]
     lines = [f"# Search report: {experiment_dir.name}", "",
@@ -240,6 +295,7 @@ def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path)
         lines += [f"No trial has reported {OBJECTIVE} yet."]
     if card.get("final"):
         lines += final_section(card["final"])
+    lines += extra
     columns = ["trial", "trial_id", *names, "stop_reason", "reports", BEST, "best_epoch"]
     lines += ["", f"## Top {min(TOP_TABLE, len(records))} trials", "", "| " + " | ".join(columns) + " |",
               "|" + "---|" * len(columns)]
@@ -301,10 +357,17 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None, 
     else:
         skipped["importance.png"] = why
     figures["learning_curves.png"] = plot_curves([t for t in trials if finite(t["record"][BEST])][:TOP_CURVES])
+    extra = []
+    if any(finite(r[BEST]) for r in records):
+        ms, device = latencies(records, experiment_dir)
+        figures["latency.png"], front = plot_latency(records, ms, device)
+        extra = front_lines(front, ms)
+    else:
+        skipped["latency.png"] = f"no trial has reported {OBJECTIVE} yet"
     for name, figure in figures.items():
         figure.savefig(out / name)
         wrote(name)
-    (out / "report.md").write_text(markdown(trials, names, card, skipped, experiment_dir))
+    (out / "report.md").write_text(markdown(trials, names, card, skipped, experiment_dir, extra))
     wrote("report.md")
     return out / "report.md"
 

@@ -51,6 +51,15 @@ CASES = {
                          rf"all 3 epochs synthesized up front would hold {NUMBER} MiB", r"trained 3 epochs",
                          rf"split coordinator: {NUMBER} CPU seconds over the run \({NUMBER}% of a core; lowest "
                          r"priority, paced loop\)"]),
+    # Serve batched, with batches of one, and GET /healthz alone, on a random-weight toy export.
+    "bench_serve.py": (["--depth", "2", "--width", "4", "--views", "1", "--canvases", "40", "--requests", "48"],
+                       [rf"onnxruntime, 1 process, batch 64: {NUMBER} canvases/s",
+                        rf"PNG decode \+ preprocessing, 1 thread: {NUMBER} ms per image",
+                        (rf"Serve, batch up to 64 \(5 ms wait\), 8 clients: {NUMBER} canvases/s, p50 {NUMBER} ms, "
+                         rf"p99 {NUMBER} ms, 0 of 48 requests failed"),
+                        r"Serve, no batching \(batch 1\), 8 clients: .* 0 of 48 requests failed",
+                        r"Serve, GET /healthz \(no decoding, no model\), 8 clients: .* 0 of 48 requests failed",
+                        rf"ratio Serve \(batched\) / onnxruntime batch 64: {NUMBER}"]),
     "bench_search.py": (["--trials", "2", "--max-epochs", "1", "--first-epoch-reports", "2", "--train-digits", "1200",
                          "--test-digits", "200"],
                         [rf"plain Optuna, 1 process, \d+ threads: +{NUMBER}s", rf"trials ran {NUMBER} at once",

@@ -9,20 +9,23 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_digits
 from PIL import Image
 from torchvision.ops import box_iou
 
-from raylocal import drawing, evaluate, predict
+from raylocal import drawing, evaluate, predict, preprocess
 from raylocal.config import DataSettings, ModelConfig
 from raylocal.export import export_model, load_program
 from raylocal.mnist import load_mnist
 from raylocal.model import build_model
+from raylocal.preprocess import INK, ink_box
 from raylocal.synthesis import CANVAS, paste, split_plan, synthesize_shard
 
 CARD = {"data": {"seed": 0}, "search": {"settings": {"data": {"shard_size": 100, "tight_boxes": False}}}}
+BOX_KEYS = ("xmin", "ymin", "xmax", "ymax")
 METRICS = ("accuracy", "mean_iou", "det_iou", "iou50", "iou60", "iou75", "det50")
 TILE = CANVAS * drawing.SCALE
-KEYS = {"image", "label", "confidence", "box", "box_pixels", "preprocessing"}
+KEYS = {"image", "label", "confidence", "box", "box_pixels", "canvas_box", "preprocessing"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,24 @@ def test_evaluation_is_deterministic(evaluated):
     assert evaluated.results[0]["metrics"] == evaluated.results[1]["metrics"]
 
 
+def test_evaluation_times_the_export_on_this_machine(evaluated):
+    latency = evaluated.results[0]["latency"]
+    assert list(latency["views"]) == ["1"] and len(latency["views"]["1"]) == 4
+    assert all(value > 0 for value in latency["views"]["1"].values())
+
+
+@pytest.mark.parametrize("module", ["evaluate", "predict"])
+def test_help_answers_without_torch_or_ray(module):
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.argv = ['x', '--help']; import raylocal.{module} as m\n"
+            "try:\n    m.cli()\nexcept SystemExit:\n    pass\n"
+            "print(sorted({'torch', 'ray', 'onnxruntime'} & set(sys.modules)))")
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert process.stdout.strip().splitlines()[-1] == "[]", process.stdout + process.stderr
+
+
 @pytest.mark.parametrize("name", ["predictions.png", "worst.png"])
 def test_grids_are_8_by_4_tiles(evaluated, name):
     with Image.open(evaluated.out / name) as image:
@@ -121,24 +142,25 @@ def test_missing_data_exits_2(export_dir, tmp_path, capsys):
     assert "MNIST not found" in capsys.readouterr().err
 
 
-def digit_image(width: int, height: int, invert: bool = False) -> Image.Image:
+def digit_image(width: int, height: int, invert: bool = False, tall: int = INK) -> Image.Image:
     canvas = np.zeros((height, width), dtype=np.uint8)
-    canvas[height // 4 : height // 4 + 16, width // 3 : width // 3 + 6] = 255  # a bar, roughly a "1"
+    canvas[height // 4 : height // 4 + tall, width // 3 : width // 3 + 6] = 255  # a bar, roughly a "1"
     return Image.fromarray(255 - canvas if invert else canvas)
 
 
 @pytest.mark.parametrize(
-    "size, invert, note",
+    "size, invert, tall, note",
     [
-        ((75, 75), False, None),
-        ((28, 28), False, "28x28, padded to 75x75"),
-        ((100, 60), False, "100x60, resized to 75x45 and padded to 75x75"),
-        ((75, 75), True, "inverted to white on black"),
+        ((75, 75), False, INK, None),
+        ((28, 28), False, INK, "28x28, padded to 75x75"),
+        ((100, 60), False, INK, "100x60, ink 6x20 px (an MNIST digit's size): centred on a 75x75 canvas"),
+        ((75, 75), True, INK, "inverted to white on black"),
+        ((75, 75), False, 40, "75x75, ink 6x40 px: scaled by 0.5 to 20 px on its long side"),
     ],
 )
-def test_predict_prints_one_json_object_per_image(export_dir, tmp_path, capsys, size, invert, note):
+def test_predict_prints_one_json_object_per_image(export_dir, tmp_path, capsys, size, invert, tall, note):
     path = tmp_path / "digit.png"
-    digit_image(*size, invert=invert).save(path)
+    digit_image(*size, invert=invert, tall=tall).save(path)
     assert predict.cli([str(export_dir), str(path)]) == 0
     captured = capsys.readouterr()
     [line] = captured.out.splitlines()
@@ -147,15 +169,60 @@ def test_predict_prints_one_json_object_per_image(export_dir, tmp_path, capsys, 
     assert result["label"] in range(10) and 0.0 <= result["confidence"] <= 1.0
     box = result["box"]
     assert 0.0 <= box["xmin"] <= box["xmax"] <= 1.0 and 0.0 <= box["ymin"] <= box["ymax"] <= 1.0
-    assert result["box_pixels"] == pytest.approx([box[k] * CANVAS for k in ("xmin", "ymin", "xmax", "ymax")], abs=0.01)
+    scale = [size[0], size[1], size[0], size[1]]
+    assert result["box_pixels"] == pytest.approx([box[k] * s for k, s in zip(BOX_KEYS, scale)], abs=0.01)
     if note is None:
         assert result["preprocessing"] == [] and captured.err == ""
+        assert result["canvas_box"] == result["box"]
     else:
         assert any(note in line for line in result["preprocessing"]) and note in captured.err
 
 
+def scaled_digit(factor: int, size: tuple[int, int], at: tuple[int, int]) -> tuple[np.ndarray, Image.Image]:
+    """A tiny test digit pasted on a canvas as training pastes it, and the same digit `factor` times
+    larger at `at` on a black image of `size`: a close-up photo of it."""
+    digits, _ = tiny_digits(np.random.default_rng(3), 1)
+    digits[0][digits[0] < 128] = 0  # the fixture's faint noise would be ink once scaled up
+    canvas = paste(digits, np.array([23]), np.array([23]))[0]
+    photo = np.zeros(size[::-1], dtype=np.uint8)
+    big = np.kron(digits[0], np.ones((factor, factor), dtype=np.uint8))
+    photo[at[1] : at[1] + big.shape[0], at[0] : at[0] + big.shape[1]] = big
+    return canvas, Image.fromarray(photo)
+
+
+@pytest.mark.parametrize("factor, size, at", [(4, (400, 300), (150, 90)), (1, (640, 480), (20, 400))])
+def test_a_close_up_digit_comes_out_at_the_training_size(factor, size, at):
+    canvas, photo = scaled_digit(factor, size, at)
+    trained = ink_box(canvas)
+    prepared = preprocess.prepare_image(photo)
+    x0, y0, x1, y1 = ink_box(prepared.canvas)
+    # The tiny digits' bar is shorter than MNIST's ink: scaled to INK unless within the tolerance.
+    long_side = trained[2] - trained[0]
+    expected = long_side if abs(long_side - INK) <= preprocess.INK_TOLERANCE else INK
+    assert abs(max(x1 - x0, y1 - y0) - expected) <= 1, prepared.notes
+    assert abs((x0 + x1) / 2 - CANVAS / 2) <= 1 and abs((y0 + y1) / 2 - CANVAS / 2) <= 1
+    # Mapped back, the ink's box on the canvas lands on the digit's in the photo.
+    answer = preprocess.answer(prepared, np.zeros(10), np.array([x0, y0, x1, y1]) / CANVAS)
+    photo_box = ink_box(np.asarray(photo))
+    assert answer["box_pixels"] == pytest.approx(photo_box, abs=factor + 1)
+
+
+def test_predict_agrees_with_the_program_on_the_prepared_close_up(export_dir, tmp_path, capsys):
+    _, photo = scaled_digit(4, (400, 300), (150, 90))
+    photo.save(tmp_path / "close-up.png")
+    assert predict.cli([str(export_dir), str(tmp_path / "close-up.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    canvas = preprocess.prepare_image(photo).canvas
+    with torch.no_grad():
+        logits, boxes = load_program(export_dir)(torch.from_numpy(canvas)[None, None].float() / 255)
+    assert result["label"] == int(logits.argmax())
+    assert list(result["canvas_box"].values()) == pytest.approx(boxes[0].tolist(), abs=1e-5)
+
+
 def test_predict_matches_the_program_on_a_canvas(export_dir, tmp_path, capsys):
-    canvas = paste(np.full((1, 28, 28), 200, dtype=np.uint8), np.array([5]), np.array([30]))[0]
+    digit = np.zeros((1, 28, 28), dtype=np.uint8)
+    digit[0, 4:24, 6:22] = 200  # ink of an MNIST digit's size: the canvas goes to the model unchanged
+    canvas = paste(digit, np.array([5]), np.array([30]))[0]
     Image.fromarray(canvas).save(tmp_path / "canvas.png")
     assert predict.cli([str(export_dir), str(tmp_path / "canvas.png")]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -20,6 +20,7 @@ from raylocal.export import (
     load_state_dict_model,
     onnx_session,
 )
+from raylocal.latency import fastest_meeting, pareto_front
 from raylocal.model import SHIFTS, Localizer, ShiftAveraged
 
 CARD = {"trial": "abc123", "metrics": {"accuracy": 0.5, "mean_iou": 0.25}}
@@ -55,7 +56,9 @@ def exported(tmp_path_factory) -> SimpleNamespace:
 def test_writes_every_file_and_no_temp_dirs(exported):
     assert sorted(p.name for p in exported.path.iterdir()) == sorted(EXPORT_FILES)
     assert leftovers(exported.path.parent) == []
-    assert len(exported.lines) == len(EXPORT_FILES) + 1
+    # A line per file, the latency table, and where the export went.
+    assert len(exported.lines) == len(EXPORT_FILES) + 2
+    assert exported.lines[-3].startswith("latency on this machine:")
     assert str(exported.path) in exported.lines[-1]
 
 
@@ -97,6 +100,24 @@ def test_model_card(exported):
         assert hashlib.sha256((exported.path / name).read_bytes()).hexdigest() == digest
     assert {"raylocal", "torch", "onnx", "onnxruntime", "numpy"} <= set(card["versions"])
     assert card["exported_at"].endswith("+00:00")
+    check_latency(card["latency"], ["1"])
+
+
+def check_latency(latency: dict, views: list[str]) -> None:
+    """Figures for both files at batch 1 and 64 for each view count, on a named CPU."""
+    assert latency["unit"] == "ms per canvas" and list(latency["views"]) == views
+    assert all(name.startswith("CPU ") and "cores" in name for name in latency["device"].values())
+    for figures in latency["views"].values():
+        assert set(figures) == {f"model.{kind} batch {batch}" for kind in ("pt2", "onnx") for batch in (1, 64)}
+        assert all(0 < value < 10_000 for value in figures.values())
+
+
+def test_fastest_meeting_picks_the_most_accurate_option_within_the_bound():
+    options = [("a", 0.90, 1.0), ("b", 0.95, 3.0), ("c", 0.95, 2.5), ("d", 0.97, 9.0)]
+    assert fastest_meeting(options, 3.0) == ("c", 0.95, 2.5)
+    assert fastest_meeting(options, 1.0) == ("a", 0.90, 1.0)
+    assert fastest_meeting(options, 0.5) is None
+    assert pareto_front([(1.0, 0.9), (3.0, 0.95), (2.5, 0.95), (9.0, 0.97), (5.0, 0.93)]) == [0, 2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +142,8 @@ def test_an_export_with_views_runs_the_shift_average_in_every_format(exported_vi
     assert torch.load(path / "state_dict.pt").keys() == tiny_model().state_dict().keys()
     test_time = json.loads((path / "config.json").read_text())["test_time"]
     assert test_time["views"] == len(SHIFTS) and test_time["shifts_dx_dy"] == [list(s) for s in SHIFTS]
+    card = json.loads((path / "model_card.json").read_text())
+    check_latency(card["latency"], ["1", str(len(SHIFTS))])
 
 
 def test_the_wrapper_is_refused_with_the_argument_to_use(tmp_path):

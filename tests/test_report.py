@@ -17,7 +17,7 @@ from raylocal.config import OBJECTIVE
 from raylocal.report import cli, importances, write_report
 from raylocal.results import COMPLETED, ERROR, RUNNING, STOPPED, TIME_BUDGET, read_search, stop_reason
 
-PNGS = ("best_so_far.png", "params.png", "importance.png", "learning_curves.png")
+PNGS = ("best_so_far.png", "params.png", "importance.png", "learning_curves.png", "latency.png")
 # lr -> (depth, box_loss, scores, how it ends): 4 reports per epoch. The first is best at report 7 of
 # 8, so its best epoch (1.75) differs from its last (2.0). "stopped": a stopper stops it at its last
 # score, the decision ASHA makes; "ends": it returns between reports without a decision, as a trial
@@ -139,6 +139,27 @@ def test_report_md_counts_trials_names_the_best_and_links_files_that_exist(repor
     assert set(links) == {"trials.csv", *PNGS}
     assert all((path.parent / link).is_file() for link in links)
     assert "not drawn" not in text
+    assert "## Accuracy against latency" in text and "Pareto front (best" in text
+
+
+def test_latency_is_timed_once_per_architecture_and_the_front_is_the_undominated_trials(monkeypatch, tmp_path):
+    from raylocal import latency, report
+
+    timed = []
+
+    def fake_ms(config, bound_s):
+        timed.append(config)
+        return {2: 1.0, 3: 2.0, 4: 4.0}[config.depth]
+
+    monkeypatch.setattr(latency, "architecture_ms", fake_ms)
+    scores = {1: (2, 0.80), 2: (3, 0.85), 3: (3, 0.90), 4: (4, 0.88), 5: (2, math.nan)}
+    records = [{"trial": trial, "depth": depth, f"best_{OBJECTIVE}": score, "stop_reason": COMPLETED}
+               for trial, (depth, score) in scores.items()]
+    ms, device = report.latencies(records, tmp_path)
+    assert sorted(config.depth for config in timed) == [2, 3, 4] and device.startswith("CPU ")
+    assert ms == {1: 1.0, 2: 2.0, 3: 2.0, 4: 4.0, 5: 1.0}
+    _, front = report.plot_latency(records, ms, device)
+    assert [record["trial"] for record in front] == [1, 3]
 
 
 def test_importance_covers_the_varied_hyperparameters():
