@@ -32,13 +32,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(prog: str = "raylocal-evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="raylocal-evaluate",
+        prog=prog,
         description="Score an exported localizer (model.pt2) on the test split the search used; "
         "write metrics.json, predictions.png and worst.png.",
     )
-    parser.add_argument("export_dir", type=Path, help="folder written by raylocal.tune (holds model.pt2)")
+    parser.add_argument("export_dir", metavar="EXPORT_DIR",
+                        help="folder written by raylocal tune (holds model.pt2): a path or a URI (s3://...)")
     parser.add_argument("--data-dir", type=Path,
                         help="folder with the MNIST IDX files (else $RAYLOCAL_DATA_DIR, cache, download)")
     parser.add_argument("--unverified-data", action="store_true",
@@ -130,8 +131,11 @@ def main(args: argparse.Namespace, log=print) -> dict:
     from raylocal.export import load_export
     from raylocal.metrics import summarize
 
-    program = load_export(args.export_dir)
-    card = read_card(args.export_dir, log)
+    from raylocal.storage import fetch
+
+    export_dir = fetch(args.export_dir)  # a URI's files, downloaded into this machine's cache
+    program = load_export(export_dir)
+    card = read_card(export_dir, log)
     searched = card.get("search", {}).get("settings", {}).get("data", {})
     data = DataSettings(**{key: searched[key] for key in ("tight_boxes",) if key in searched})
     seed = args.seed if args.seed is not None else card.get("data", {}).get("seed", 0)
@@ -145,16 +149,17 @@ def main(args: argparse.Namespace, log=print) -> dict:
     metrics = {key: value for key, value in summarize(sums, "test").items() if key != "test_loss"}
     # The card's test metrics are comparable only when they cover the same canvases.
     same_split = count == card.get("data", {}).get("test_canvases") and args.seed is None
-    log(f"scored {count:,} canvases with {args.export_dir / 'model.pt2'} in {time.perf_counter() - started:.1f}s\n"
+    log(f"scored {count:,} canvases with {export_dir / 'model.pt2'} in {time.perf_counter() - started:.1f}s\n"
         + metrics_table(metrics, card.get("test", {}) if same_split else {}))
 
-    out = args.out or args.export_dir / "evaluation"
+    out = args.out or export_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "export_dir": str(args.export_dir.absolute()), "canvases": count, "metrics": metrics,
+        "export_dir": args.export_dir if "://" in args.export_dir else str(export_dir), "canvases": count,
+        "metrics": metrics,
         "data": {"source": mnist.source, "verified": mnist.verified, "seed": seed,
                  "tight_boxes": data.tight_boxes},
-        "latency": latency_here(args.export_dir, card, log),
+        "latency": latency_here(export_dir, card, log),
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     shown = COLUMNS * ROWS
@@ -170,15 +175,13 @@ def main(args: argparse.Namespace, log=print) -> dict:
 def user_errors() -> tuple[type[Exception], ...]:
     """What `main` raises for a user's mistake (one line, exit 2); imported only once needed (torch)."""
     from raylocal.export import ExportError
+    from raylocal.storage import StorageError
 
-    return UsageError, ExportError, IdxFormatError, MnistHashError, MnistNotFoundError
+    return UsageError, ExportError, StorageError, IdxFormatError, MnistHashError, MnistNotFoundError
 
 
-def cli(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    # Parsed once before the heavy imports, so that --help and usage errors answer at once.
-    parser.parse_args(argv)
-    return run(parser, main, user_errors(), argv)
+def cli(argv: list[str] | None = None, prog: str = "raylocal-evaluate") -> int:
+    return run(get_args_parser(prog), main, user_errors, argv)
 
 
 if __name__ == "__main__":

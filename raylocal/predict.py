@@ -16,12 +16,13 @@ from pathlib import Path
 from raylocal.cli import UsageError, run
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(prog: str = "raylocal-predict") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="raylocal-predict",
+        prog=prog,
         description="Predict digit and box for images with an exported localizer; one JSON object per image on stdout.",
     )
-    parser.add_argument("export_dir", type=Path, help="folder written by raylocal.tune (holds model.pt2)")
+    parser.add_argument("export_dir", metavar="EXPORT_DIR",
+                        help="folder written by raylocal tune (holds model.pt2): a path or a URI (s3://...)")
     parser.add_argument("images", type=Path, nargs="+", help="image files in any format PIL reads")
     parser.add_argument("--annotate", type=Path, metavar="OUT_DIR",
                         help="also write OUT_DIR/<stem>.annotated.png with the predicted box and label")
@@ -35,8 +36,9 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     from raylocal.export import load_export, run_program
     from raylocal.preprocess import answer, prepare
+    from raylocal.storage import fetch
 
-    program = load_export(args.export_dir)
+    program = load_export(fetch(args.export_dir))  # a URI's files, downloaded into this machine's cache
     # Every image is read before any is scored, so a bad file fails the run before any output.
     prepared = [prepare(path) for path in args.images]
     for path, image in zip(args.images, prepared):
@@ -69,15 +71,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     """What `main` raises for a user's mistake (one line, exit 2); imported only once needed (torch)."""
     from raylocal.export import ExportError
     from raylocal.preprocess import ImageError
+    from raylocal.storage import StorageError
 
-    return UsageError, ExportError, ImageError
+    return UsageError, ExportError, ImageError, StorageError
 
 
-def cli(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    # Parsed once before the heavy imports, so that --help and usage errors answer at once.
-    parser.parse_args(argv)
-    return run(parser, main, user_errors(), argv)
+def cli(argv: list[str] | None = None, prog: str = "raylocal-predict") -> int:
+    return run(get_args_parser(prog), main, user_errors, argv)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from matplotlib.ticker import MaxNLocator
 
 from raylocal.cli import run
 from raylocal.config import OBJECTIVE
-from raylocal.results import (COMPLETED, ERROR, RUNNING, STOPPED, TIME_BUDGET, SearchFolderError, longest_run,
-                              read_manifest, read_search)
+from raylocal.results import (COMPLETED, ERROR, RUNNING, STOPPED, TIME_BUDGET, Folder, SearchFolderError,
+                              longest_run, read_manifest, read_search, search_folder)
+from raylocal.storage import cache_folder, open_storage
 
 BEST = f"best_{OBJECTIVE}"
 LAST_METRICS = ("det_iou", "mean_iou", "accuracy", "iou50", "iou75")
@@ -53,11 +54,11 @@ def plain(row: dict[str, Any]) -> dict[str, Any]:
             if not (isinstance(value, float) and math.isnan(value))}
 
 
-def load_trials(experiment_dir: Path, card: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+def load_trials(experiment_dir: Folder, card: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """(trials in creation order, each with its trials.csv record and report rows; parameter names)."""
     runs = read_search(experiment_dir)
     if not runs:
-        raise SearchFolderError(f"{experiment_dir} holds a Tune search without trials")
+        raise SearchFolderError(f"{search_folder(experiment_dir).uri} holds a Tune search without trials")
     names = list(dict.fromkeys(name for trial in runs for name in trial.params))
     budget = card.get("search", {}).get("settings", {}).get("budget", {})
     # Without the card's budget (a search that never got to export) the longest trial stands
@@ -82,7 +83,7 @@ def log_scale(values: list[Any]) -> bool:
     return bool(values) and all(finite(v) for v in values) and min(values) > 0 and max(values) / min(values) > 20
 
 
-def searched_space(experiment_dir: Path) -> dict[str, optuna.distributions.BaseDistribution]:
+def searched_space(experiment_dir: Folder) -> dict[str, optuna.distributions.BaseDistribution]:
     """The search's own space, from its manifest; {} for a folder without one (a plain Tune
     search), whose space is then guessed from the values seen."""
     from raylocal.config import Experiment, optuna_space
@@ -91,11 +92,15 @@ def searched_space(experiment_dir: Path) -> dict[str, optuna.distributions.BaseD
     return optuna_space(Experiment.from_description(described).space) if described else {}
 
 
-def model_card(experiment_dir: Path) -> dict[str, Any]:
-    """The exported model's card: in `--export-dir` when the search was given one, else in best_model/."""
-    export_dir = read_manifest(experiment_dir).get("flags", {}).get("export_dir") or experiment_dir / "best_model"
-    path = Path(export_dir) / "model_card.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def model_card(experiment_dir: Folder) -> dict[str, Any]:
+    """The exported model's card: in `--export-dir` when the search was given one, else in best_model/
+    (on object storage, the uploaded copy)."""
+    folder = search_folder(experiment_dir)
+    given = read_manifest(folder).get("flags", {}).get("export_dir")
+    for export in [folder.child("best_model")] + ([open_storage(given)] if given else []):
+        if export.is_file("model_card.json"):
+            return json.loads(export.read_text("model_card.json"))
+    return {}
 
 
 def scatter_by_reason(axes, points: list[tuple[Any, float, str]]) -> None:
@@ -216,7 +221,7 @@ def plot_curves(trials: list[dict[str, Any]]) -> Figure:
     return figure
 
 
-def latencies(records: list[dict[str, Any]], experiment_dir: Path) -> tuple[dict[int, float], str]:
+def latencies(records: list[dict[str, Any]], experiment_dir: Folder) -> tuple[dict[int, float], str]:
     """ms per canvas of each trial's model (by trial number), each architecture timed once with random
     weights; and the CPU it was timed on."""
     from raylocal import latency
@@ -271,10 +276,10 @@ def cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else "–" if value is None else str(value)
 
 
-def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Path, extra: list[str] = ()) -> str:
+def markdown(trials, names, card, skipped: dict[str, str], experiment_dir: Folder, extra: list[str] = ()) -> str:
     records = [trial["record"] for trial in trials]
     counts = [f"{sum(r['stop_reason'] == reason for r in records)} {reason}" for reason in COLORS]
-    lines = [f"# Search report: {experiment_dir.name}", "",
+    lines = [f"# Search report: {search_folder(experiment_dir).name}", "",
              f"{len(records)} trials: {', '.join(counts)}. "
              f"Objective `{OBJECTIVE}`: validation mean IoU, counting 0 where the digit is misclassified.", ""]
     if finite(records[0][BEST]):
@@ -327,10 +332,11 @@ def final_section(final: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None, log=print) -> Path:
-    """Write trials.csv, the plots and report.md into out_dir (default EXPERIMENT_DIR/report); return report.md."""
-    experiment_dir = Path(experiment_dir)
-    out = Path(out_dir) if out_dir else experiment_dir / "report"
+def write_report(experiment_dir: Folder, out_dir: str | Path | None = None, log=print) -> Path:
+    """Write trials.csv, the plots and report.md into out_dir (default EXPERIMENT_DIR/report, or for a
+    search on object storage this machine's cache of it); return report.md."""
+    experiment_dir = search_folder(experiment_dir)
+    out = Path(out_dir) if out_dir else (experiment_dir.local() or cache_folder(experiment_dir)) / "report"
     card = model_card(experiment_dir)
     trials, names = load_trials(experiment_dir, card)
     space = searched_space(experiment_dir)
@@ -372,13 +378,15 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None, 
     return out / "report.md"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(prog: str = "raylocal-report") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="raylocal-report",
+        prog=prog,
         description="Summarize a Ray Tune search, finished or not: trials.csv, plots, report.md (no Ray needed).",
     )
-    parser.add_argument("experiment_dir", type=Path, help="the search's folder <storage>/<name>, holding its trials")
-    parser.add_argument("--out", type=Path, help="where the report goes (default: EXPERIMENT_DIR/report)")
+    parser.add_argument("experiment_dir", metavar="EXPERIMENT_DIR",
+                        help="the search's folder <storage>/<name>, holding its trials: a path or a URI (s3://...)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="where the report goes (default: EXPERIMENT_DIR/report; for a URI, this machine's cache)")
     return parser
 
 
@@ -386,8 +394,10 @@ def main(args: argparse.Namespace) -> Path:
     return write_report(args.experiment_dir, args.out)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    return run(get_args_parser(), main, (SearchFolderError,), argv)
+def cli(argv: list[str] | None = None, prog: str = "raylocal-report") -> int:
+    from raylocal.storage import StorageError
+
+    return run(get_args_parser(prog), main, (SearchFolderError, StorageError), argv)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ class RequestError(ValueError):
         self.status = status
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(prog: str = "raylocal-serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="raylocal-serve",
+        prog=prog,
         description="Serve an exported localizer over HTTP with Ray Serve: POST /predict (an image, or JSON "
         '{"canvases": [...]}), GET /healthz. See docs/serving.md.',
     )
@@ -109,11 +109,11 @@ def min_max(text: str) -> tuple[int, int]:
 
 
 def local_export(export_dir: str) -> Path:
-    """The export folder as an absolute path (replicas run in other processes), checked before Ray starts."""
-    if "://" in export_dir:
-        raise UsageError(f"{export_dir}: storage URIs are not supported yet; copy the export to a local folder "
-                         "(on a cluster: the same path on every node) and serve that")
-    path = Path(export_dir).expanduser().absolute()
+    """The export folder as an absolute path, a URI's downloaded into this machine's cache (replicas get
+    the model's bytes, so they need no copy), checked before Ray starts."""
+    from raylocal.storage import fetch
+
+    path = fetch(export_dir)
     missing = [name for name in ("model.onnx", "model.pt2") if not (path / name).is_file()]
     if missing:
         raise UsageError(f"{path} is not an export: it has no {' or '.join(missing)}")
@@ -332,11 +332,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     return UsageError, ConfigError
 
 
-def cli(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    # Parsed once, before Ray is imported, so that --help and usage errors answer at once.
-    parser.parse_args(argv)
-    return run(parser, main, user_errors(), argv)
+def cli(argv: list[str] | None = None, prog: str = "raylocal-serve") -> int:
+    return run(get_args_parser(prog), main, user_errors, argv)
 
 
 if __name__ == "__main__":
