@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from raylocal.config import ConfigError
 from raylocal.synthesis import CANVAS
+
+
+class LatencyError(ConfigError):
+    """No model meets the latency bound the command was given."""
+
 
 BATCHES = (1, 64)
 WARMUP = 3

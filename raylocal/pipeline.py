@@ -207,6 +207,7 @@ def search(
     storage: str | None = None,
     export_dir: str | Path | None = None,
     views: int = Settings.views,
+    max_latency_ms: float | None = None,
     verbose: int = 1,
     quiet: bool = False,
     debug: bool = False,

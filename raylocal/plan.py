@@ -27,7 +27,7 @@ SEARCH_FLAGS = (
     "backend", "device",
     "export_dir", "data_dir", "unverified_data", "seed", "smoke_test", "optuna_storage", "mlflow_uri",
     "time_budget", "search_share", "final_epochs", "final_top_k", "final_seeds", "final_init", "final_lr_scale",
-    "no_final", "views",
+    "no_final", "views", "max_latency_ms",
 )
 # What a search did before a flag existed, where the flag's default now does otherwise: a manifest
 # written then, resumed, keeps it.
@@ -67,6 +67,10 @@ class Plan:
     @property
     def views(self) -> int:
         return self.settings.views
+
+    @property
+    def max_latency_ms(self) -> float | None:
+        return self.settings.max_latency_ms
 
 
 def search_experiment(settings: Settings) -> Experiment:

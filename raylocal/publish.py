@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,27 +64,28 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
     best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="all", filter_nan_and_inf=True)
     checkpoint, epoch_metrics = best_checkpoint(best)
     search_validation = {key: float(value) for key, value in epoch_metrics.items() if key.startswith("val_")}
+    options = exportables(best, checkpoint, search_validation, final)
     use_final = final_beats_search(final, search_validation, log)
-    if not use_final:
-        model, params, epoch = load_model(checkpoint)
-        validation, trial_id, source = search_validation, best.metrics.get("trial_id"), "search"
-    else:
-        # The final run's hyperparameters with the global batch, not the per-worker one its state holds.
-        model, params, epoch = model_from_state(final.winner.state, final.winner.params)
-        validation, trial_id, source = final.winner.validation, final.winner.candidate.trial_id, "final"
-    test = score_test_split(model, params, data, plan.views, log,
-                      f"{'final model of trial' if use_final else 'best trial'} {trial_id} epoch {epoch:g}")
+    chosen, views, bound = options[1 if use_final else 0], plan.views, None
+    if plan.max_latency_ms is not None:
+        chosen, views, bound = within_latency(options, plan.views, plan.max_latency_ms, log)
+        use_final = chosen.source == "final"
+    model, params, epoch, validation, trial_id = (chosen.model, chosen.params, chosen.epoch, chosen.validation,
+                                                  chosen.trial_id)
+    test = score_test_split(model, params, data, views, log,
+                            f"{'final model of trial' if use_final else 'best trial'} {trial_id} epoch {epoch:g}")
     summary = {
         "task": TASK,
         "experiment": plan.name,
-        "model_from": source,
+        "model_from": chosen.source,
         "trial_id": trial_id,
         "epoch": epoch,
         "objective": f"{OBJECTIVE}: mean over validation canvases of IoU x [predicted digit is right]",
         "hyperparameters": params.__dict__.copy(),
         "validation": validation,
         "test": test,
-        "test_views": plan.views,
+        "test_views": views,
+        "latency_bound": bound,
         "data": data_card(data),
         "search": search_card(results, errors, settings, plan, search_seconds) | {
             "best_trial": {"trial_id": best.metrics.get("trial_id"), "epoch": float(epoch_metrics.get("epoch", 0)),
@@ -91,8 +93,59 @@ def export_best(results, data: SearchData, settings: TrialSettings, plan, *, sea
         },
         "final": final.card() | {"exported": use_final} if final else None,
     }
-    summary["export_dir"] = str(export_model(model, plan.export_dir, summary, views=plan.views, log=log))
+    summary["export_dir"] = str(export_model(model, plan.export_dir, summary, views=views, log=log))
     return summary
+
+
+@dataclass(frozen=True)
+class Exportable:
+    """A model the command could export, with what validation measured of it."""
+
+    model: Any
+    params: Hyperparameters
+    epoch: float
+    validation: dict[str, float]
+    trial_id: str
+    source: str  # "search": the search's best checkpoint; "final": a final run
+
+
+def exportables(best, checkpoint, search_validation: dict[str, float], final) -> list[Exportable]:
+    """The search's best checkpoint, then the final phase's winner and its other runs."""
+    found = [Exportable(*load_model(checkpoint), search_validation, best.metrics.get("trial_id"), "search")]
+    runs = [final.winner] + [run for run in final.runs if run is not final.winner] if final else []
+    # A final run's hyperparameters with the global batch, not the per-worker one its state holds.
+    return found + [Exportable(*model_from_state(run.state, run.params), run.validation, run.candidate.trial_id,
+                               "final") for run in runs]
+
+
+def within_latency(options: list[Exportable], most_views: int, max_ms: float, log) -> tuple[Exportable, int, dict]:
+    """The most accurate (model, views) whose eager latency per canvas at batch 1 on this machine's
+    CPU is at most `max_ms`; at equal validation score, more views (they only ever helped:
+    docs/decisions.md#shift-averaged-views)."""
+    from raylocal.latency import LatencyError, architecture_ms, device_name, fastest_meeting
+
+    timed: dict[tuple, float] = {}
+    rows = []
+    for index, option in enumerate(options):
+        config = option.params.model_config()
+        for views in range(1, most_views + 1):
+            if (config, views) not in timed:
+                timed[config, views] = architecture_ms(config, views, batch=1)
+            rows.append(((index, views), (option.validation[OBJECTIVE], views), timed[config, views]))
+    record = {"max_ms": max_ms, "device": device_name("cpu"), "batch": 1,
+              "options": [{"source": options[index].source, "trial_id": options[index].trial_id, "views": views,
+                           OBJECTIVE: score, "ms": round(ms, 4)} for (index, views), (score, _), ms in rows]}
+    chosen = fastest_meeting(rows, max_ms)
+    if chosen is None:
+        (index, views), _, ms = min(rows, key=lambda row: row[2])
+        raise LatencyError(f"--max-latency-ms {max_ms:g}: no model is that fast on this machine; the fastest, trial "
+                           f"{options[index].trial_id} with {views} view(s), takes {ms:.3g} ms per canvas at batch 1; "
+                           "nothing exported")
+    (index, views), _, ms = chosen
+    log(f"latency bound {max_ms:g} ms: exporting trial {options[index].trial_id} ({options[index].source}) with "
+        f"{views} view(s), {ms:.3g} ms per canvas at batch 1 on {record['device']}")
+    return options[index], views, record | {"chosen": {"trial_id": options[index].trial_id, "views": views,
+                                                       "ms": round(ms, 4)}}
 
 
 def final_beats_search(final, search_validation: dict[str, float], log) -> bool:

@@ -87,6 +87,9 @@ class Settings:
     export_dir: Path | None = flag(None, "output", "where the model goes (default: <storage>/<name>/best_model)", "DIR")
     views: int = flag(len(SHIFTS), "output", f"the exported model averages its answer over V shifted copies of the "
                       f"canvas (1 to {len(SHIFTS)}, default {len(SHIFTS)})", "V")
+    max_latency_ms: float | None = flag(None, "output", "export the most accurate option at most MS per canvas at "
+                                        "batch 1 on this machine: the views, and among the final runs the "
+                                        "configuration; if none is that fast, export nothing", "MS")
     verbose: int = flag(1, "output", "Tune's output: 0 silent, 1 status table (default), 2 + trial results, "
                         "3 + Ray's lines per report", "LEVEL", choices=(0, 1, 2, 3))
     quiet: bool = flag(False, "output", "only raylocal's own lines and the final table")
@@ -126,6 +129,8 @@ class Settings:
             raise ConfigError(f"--time-budget must be >= 0 minutes, got {self.time_budget:g}")
         if not 0 < self.search_share < 1:
             raise ConfigError(f"--search-share must be between 0 and 1, got {self.search_share:g}")
+        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
+            raise ConfigError(f"--max-latency-ms must be > 0, got {self.max_latency_ms:g}")
         if not 1 <= self.views <= len(SHIFTS):
             raise ConfigError(f"--views must be 1 to {len(SHIFTS)}, got {self.views}")
         check_room_to_train(self.budget_minutes, self.views)

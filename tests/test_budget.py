@@ -47,3 +47,23 @@ def test_the_final_table_says_how_many_trials_ran_and_why_not_all():
     assert trials_line({"trials": 2, "trials_planned": 50, "ended_by_time_budget": True}) == "2 of 50 ran (time budget)"
     assert trials_line({"trials": 50, "trials_planned": 50, "ended_by_time_budget": False}) == "50 of 50 ran"
     assert trials_line({"trials": 3}) == "3 of 3 ran"  # a model card from before the count
+
+
+def test_a_latency_bound_exports_the_most_accurate_option_that_meets_it_or_nothing():
+    from raylocal.config import OBJECTIVE, Hyperparameters
+    from raylocal.latency import LatencyError
+    from raylocal.model import build_model
+    from raylocal.publish import Exportable, within_latency
+
+    def option(score: float, depth: int, width: int, source: str) -> Exportable:
+        params = Hyperparameters(depth=depth, width=width)
+        return Exportable(build_model(params.model_config()).eval(), params, 1.0, {OBJECTIVE: score}, source, source)
+
+    options = [option(0.80, 2, 4, "search"), option(0.90, 3, 8, "final")]
+    chosen, views, record = within_latency(options, 3, 1e6, log=lambda line: None)
+    # Everything meets a loose bound: the better model, with the most views.
+    assert (chosen.source, views) == ("final", 3) and record["chosen"] == {"trial_id": "final", "views": 3,
+                                                                          "ms": record["chosen"]["ms"]}
+    assert len(record["options"]) == 6 and all(row["ms"] > 0 for row in record["options"])
+    with pytest.raises(LatencyError, match=r"--max-latency-ms 1e-06: no model is that fast .* nothing exported"):
+        within_latency(options, 3, 1e-6, log=lambda line: None)

@@ -229,3 +229,15 @@ def test_a_time_budget_stops_the_search_and_skips_a_final_phase_that_cannot_fit(
     # Said before the search, and in the final table.
     assert "budget: at most about " in output and " of 200 trials fit in the search's " in output
     assert re.search(rf"^trials +{summary['search']['trials']} of 200 ran \(time budget\)$", output, re.M)
+
+
+def test_a_latency_bound_none_meets_exports_nothing_in_one_line(ray_session, tmp_path, tiny_mnist_dir, capsys):
+    from raylocal.tune import cli
+
+    argv = ["--smoke-test", "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--verbose", "0", "--quiet",
+            "--storage", str(tmp_path / "results"), "--name", "toy", "--export-dir", str(tmp_path / "export"),
+            "--no-final", "--max-latency-ms", "1e-6"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-latency-ms 1e-06: no model is that fast" in err, err
+    assert not (tmp_path / "export").exists()
