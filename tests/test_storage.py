@@ -11,7 +11,7 @@ from raylocal.config import ConfigError, Experiment
 from raylocal.plan import plan_search
 from raylocal.results import MANIFEST, read_manifest, write_manifest
 from raylocal.settings import Settings
-from raylocal.storage import StorageError, check_writable, fetch, open_storage
+from raylocal.storage import check_writable, fetch, open_storage
 from raylocal.tune import cli
 
 pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install -e '.[test]')")

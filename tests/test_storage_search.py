@@ -18,7 +18,6 @@ import pytest
 from s3server import s3_server
 
 from raylocal.results import read_search
-from raylocal.storage import open_storage
 
 pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install -e '.[test]')")
 
@@ -92,7 +91,7 @@ def test_a_smoke_search_lives_in_the_bucket_and_its_readers_take_the_uri(s3, s3_
     # The local copy of the export, and no folder named after the URI anywhere.
     assert (tmp_path / "raylocal_results" / "s3a" / "best_model" / "model.pt2").is_file()
     assert no_local_uri_folders(tmp_path)
-    card = json.loads(open_storage(f"s3://{BUCKET}/raylocal/s3a/best_model").read_text("model_card.json"))
+    card = json.loads(s3.client().get_object(Bucket=BUCKET, Key="raylocal/s3a/best_model/model_card.json")["Body"].read())
     assert card["search"]["storage"] == f"s3://{BUCKET}/raylocal/s3a"
 
     # The readers, from another folder, as on another machine that sees the bucket.
@@ -110,6 +109,18 @@ def test_a_smoke_search_lives_in_the_bucket_and_its_readers_take_the_uri(s3, s3_
                              str(elsewhere / "blank.png"), env=s3_env, cwd=elsewhere)
     assert json.loads(prediction.splitlines()[0])["label"] in range(10)
     assert no_local_uri_folders(tmp_path)
+
+
+def trial_statuses(s3, name: str) -> list[str]:
+    """How each trial ended, from Tune's saved state in the bucket (read with the store's endpoint)."""
+    from pyarrow import fs as pafs
+
+    from raylocal.storage import Storage
+
+    bucket = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
+                               access_key="testing", secret_key="testing", region="us-east-1")
+    folder = Storage(f"s3://{BUCKET}/raylocal/{name}", bucket, f"{BUCKET}/raylocal/{name}")
+    return [trial.status for trial in read_search(folder)]
 
 
 def trial_rows(s3, prefix: str) -> dict[str, list[dict]]:
@@ -154,7 +165,7 @@ def test_a_search_killed_on_one_machine_resumes_from_the_bucket_on_another(s3, s
                           extra_env=s3_env | {"HOME": str(other / "home"), "RAYLOCAL_CACHE": str(other / "cache")})
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output[-4000:]
-    statuses = [trial.status for trial in read_search(f"s3://{BUCKET}/raylocal/killed")]
+    statuses = trial_statuses(s3, "killed")
     assert statuses == ["TERMINATED"] * 3, statuses
     after = trial_rows(s3, "raylocal/killed/")
     assert after[finished] == before[finished]  # a finished trial is not redone
@@ -182,5 +193,5 @@ def test_a_storage_outage_mid_search_loses_no_finished_trial(s3, s3_env, tmp_pat
         assert again.returncode == 0, resumed[-4000:]
     after = trial_rows(s3, "raylocal/outage/")
     assert after[finished] == before[finished]  # not redone, not lost
-    statuses = [trial.status for trial in read_search(f"s3://{BUCKET}/raylocal/outage")]
+    statuses = trial_statuses(s3, "outage")
     assert statuses == ["TERMINATED"] * 3, statuses
