@@ -28,7 +28,7 @@ import torch
 
 from raylocal.config import ModelConfig
 from raylocal.engine import as_batch
-from raylocal.latency import export_latency
+from raylocal.latency import CARD_BOUND_S, export_latency
 from raylocal.latency import table as latency_table
 from raylocal.model import NUM_CLASSES, SHIFTS, Localizer, build_model, for_inference
 from raylocal.synthesis import CANVAS
@@ -168,7 +168,7 @@ def _write_export(model: Localizer, out: Path, card: dict, views: int, log: Call
     _wrote(out / "config.json", log)
 
     # On the CPU, where model.pt2 was traced and model.onnx runs: `raylocal evaluate` adds a GPU's figures.
-    latency = export_latency(network, views, out)
+    latency = export_latency(network, views, out, bound_s=CARD_BOUND_S)
     log("latency on this machine:\n" + latency_table(latency))
     _write_json(out / "model_card.json", {
         **card,

@@ -218,7 +218,7 @@ def test_a_time_budget_stops_the_search_and_skips_a_final_phase_that_cannot_fit(
                                                                                capsys):
     # 1.6 minutes leave too little for a final run: the search takes all but the 40 s for scoring
     # one view and export, too little for 200 trials of the smoke data, and its best checkpoint is
-    # exported. (With 5 views the 108 s kept would leave nothing to train: a ConfigError.)
+    # exported. (With 5 views the 123 s kept would leave nothing to train: a ConfigError.)
     summary = main(search_args(tmp_path, tiny_mnist_dir, "--time-budget", "1.6", "--trials", "200", "--views", "1"))
     output = capsys.readouterr().out
     assert "time budget: 1.6 min for the whole command" in output and "(no room for a final phase)" in output
