@@ -15,8 +15,6 @@ from raylocal.mnist import load_mnist
 from raylocal.synthesis import split_plan, synthesize_shard
 from raylocal.tune import get_args_parser, main
 
-pytestmark = pytest.mark.ray
-
 
 def search_args(tmp_path, tiny_mnist_dir, *extra: str):
     return get_args_parser().parse_args(

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import results_by_trial, search
 
-pytestmark = pytest.mark.ray
 
 # No rung before the last epoch (the grace period is the whole budget), so every trial trains all
 # its epochs: with ASHA rungs, two trials in lockstep could both pass every rung (the first at a
@@ -37,20 +37,6 @@ reduction_factor = 2
 [data]
 shard_size = 500
 """
-
-
-def results_by_trial(experiment_dir: Path) -> dict[str, list[dict]]:
-    """The result rows in every trial folder as they are written: for watching a search that is
-    still running, whose Tune state (`raylocal.results`) is saved only now and then."""
-    return {
-        path.parent.name: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for path in experiment_dir.glob("run_trial_*/result.json")
-    }
-
-
-def search(start_search, tmp_path: Path, address: str, *flags: str, **kwargs) -> subprocess.Popen:
-    return start_search("--address", address, "--quiet", "--storage", str(tmp_path / "results"), "--name", "resumable",
-                        "--time-budget", "0", *flags, **kwargs)
 
 
 # Tune's driver writes results and its saved state (which trials it holds, their checkpoints) in
