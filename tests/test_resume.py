@@ -122,11 +122,13 @@ def lose_the_saved_checkpoint(experiment_dir: Path, trial_folder: str) -> bool:
     return True
 
 
+# Slow tier: each case runs a search twice, once killed; the flag checks below stay in the fast tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [
     pytest.param(1, id="inline"),
     # Trials of two DDP workers, one at a time on the session's two one-CPU nodes: each trial's Train
     # run is found again by its stable name and continues from its own checkpoint.
-    pytest.param(2, id="ddp", marks=pytest.mark.slow),
+    pytest.param(2, id="ddp"),
 ])
 def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search,
                                                                  workers):

@@ -61,6 +61,9 @@ def test_the_dashboards_job_api_refuses_requests_without_the_token(ray_session):
         assert response.status == 200
 
 
+# Slow tier: a whole local search with its final run. In the fast one, test_cluster checks that a local
+# instance's address is on loopback, and the test above that the dashboard wants the token.
+@pytest.mark.slow
 def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_token(tmp_path, tiny_mnist_dir,
                                                                                       start_search):
     """A default local search (inline trials, then a final run over two DDP workers): every socket
