@@ -180,17 +180,16 @@ def fetch(where: str | os.PathLike, refresh: bool = True) -> Path:
     target = cache_folder(storage)
     if target.is_dir() and not refresh:
         return target
-    if not storage.exists():
-        raise StorageError(f"nothing at {storage.uri}")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
     try:
+        if not storage.exists():
+            raise StorageError(f"nothing at {storage.uri}")
         storage.download(staging)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
-    except Exception as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, StorageError):
-            raise
+    except OSError as error:
         raise StorageError(f"cannot read {storage.uri}: {one_line(error)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target

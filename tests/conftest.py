@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny MNIST in IDX files and one Ray instance for the whole session."""
+"""Shared fixtures (a tiny MNIST in IDX files, one Ray instance for the whole session) and the
+session's hooks: the slow tier, the `ray` mark, what the tests leave behind. Plain helpers: helpers.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SESSION_MARK, tiny_digits
 
 from raylocal.mnist import write_idx_files
 
@@ -22,8 +24,14 @@ _SAVED_ENV: dict[str, str | None] = {}
 _SAVED_TEMPDIR: list[str | None] = []
 _SESSION_TEMP: list[str] = []
 SESSION_FAILED = pytest.StashKey[bool]()
-# Every process the tests start inherits this mark, so the session can find what it left behind.
-SESSION_MARK = "RAYLOCAL_TEST_SESSION"
+# A test that uses one of these gets the `ray` mark (pytest_collection_modifyitems).
+RAY_FIXTURES = frozenset({"ray_session", "start_search", "serve_url"})
+SLOW_REASON = "slow tier: run with --runslow"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="run the slow tier too (tests marked slow); without it they are skipped")
 
 
 def pytest_configure(config):
@@ -58,10 +66,19 @@ def session_temp_env() -> dict[str, str]:
     return {"TMPDIR": _SESSION_TEMP[0], "RAY_TMPDIR": ray_temp}
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: it must see the `ray` marks set here
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that do without the session's Ray cluster first (those that start instances of
-    their own among them), in their order, then those on it: an idle cluster's twenty or so
-    processes still take CPU, and with it running two searches at once took 141 s instead of 98 s on 2 cores."""
+    """Marks `ray` every test that uses the session's cluster or starts a search, and skips the
+    slow tier without --runslow. Then the tests that do without the session's Ray cluster first
+    (those that start instances of their own among them), in their order, then those on it: an
+    idle cluster's twenty or so processes still take CPU, and with it running two searches at
+    once took 141 s instead of 98 s on 2 cores."""
+    skip_slow = None if config.getoption("--runslow") else pytest.mark.skip(reason=SLOW_REASON)
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+        if skip_slow and item.get_closest_marker("slow"):
+            item.add_marker(skip_slow)
     items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))
 
 
@@ -113,17 +130,6 @@ def pytest_unconfigure(config):
             print(f"\nthe session's temporary folder is kept for a look: {folder}", file=sys.stderr)
         else:
             shutil.rmtree(folder, ignore_errors=True)
-REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
-
-def tiny_digits(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Digit-like 28x28 images: a bright bar whose position encodes the label, so a model can learn it."""
-    labels = rng.integers(0, 10, count).astype(np.uint8)
-    images = rng.integers(0, 40, (count, 28, 28)).astype(np.uint8)
-    for index, label in enumerate(labels):
-        top = 2 + 2 * int(label)
-        images[index, top : top + 4, 6:22] = 255
-    return images, labels
 
 
 @pytest.fixture(scope="session")
@@ -163,51 +169,6 @@ def start_search(tmp_path):
             process.wait(timeout=60)
             if process.stdout:
                 process.stdout.close()
-
-
-LOOPBACK_IPS = ("127.0.0.1", "::1")
-
-
-class Listeners:
-    """The TCP sockets a process and all its descendants listen on, polled in a thread while
-    it runs (Ray's GCS, raylet, dashboard and workers, Train's workers with their rendezvous
-    store and gloo pairs): a set of (ip, port, command line)."""
-
-    def __init__(self, pid: int, every: float = 0.3):
-        import threading
-
-        self.pid, self.every, self.seen = pid, every, set()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        import psutil
-
-        while not self._done.is_set():
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.pid)
-                for process in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        command = " ".join(process.cmdline())  # whole: venv paths can be long
-                        self.seen |= {(c.laddr.ip, c.laddr.port, command) for c in process.net_connections("tcp")
-                                      if c.status == psutil.CONN_LISTEN}
-            self._done.wait(self.every)
-
-    def __enter__(self) -> Listeners:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join(timeout=30)
-
-    def beyond_loopback(self) -> list[str]:
-        """Listeners on anything but loopback, one line each (IPv4 loopback mapped into IPv6 counts)."""
-        return sorted(f"{ip}:{port} {command[:120]}" for ip, port, command in self.seen
-                      if ip.removeprefix("::ffff:") not in LOOPBACK_IPS)
-
-    def of(self, command_part: str) -> list[tuple]:
-        return sorted(listener for listener in self.seen if command_part in listener[2])
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+# Each script starts Ray instances of its own (by hand: no Ray fixture marks it), and together they
+# outlast the fast tier: they check scripts someone runs for figures, not the product.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 NUMBER = r"[0-9][0-9,]*\.?[0-9]*"

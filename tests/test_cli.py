@@ -88,7 +88,6 @@ def test_an_address_where_nothing_listens_fails_fast_with_one_message(tmp_path):
     assert f"--address {address}: no Ray cluster answers there" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.ray
 def test_an_address_other_than_the_connected_cluster_is_refused_not_ignored(ray_session, tmp_path, capsys):
     # Python users may call raylocal with Ray already initialized; searching that cluster instead
     # of the one named would ignore the flag (and started a 19-minute search in a test).
@@ -149,7 +148,6 @@ def test_debug_shows_the_traceback_instead_of_one_line(capsys):
         cli(["--trials", "0", "--debug"])
 
 
-@pytest.mark.ray
 def test_the_status_table_survives_trials_stopped_before_their_first_report(ray_session, tmp_path, capsys):
     """A time budget stops running trials, some before their first report; the last status table
     (with done=True) once failed on them (None < None in its sort) and ended the whole command."""

@@ -12,11 +12,11 @@ import csv
 import re
 
 import pytest
-from conftest import Listeners
+from helpers import Listeners
 
 from raylocal.export import EXPORT_FILES
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_mnist_dir, start_search):

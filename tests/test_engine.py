@@ -7,12 +7,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_digits
 
 from raylocal.config import Hyperparameters
 from raylocal.engine import fit
 from raylocal.synthesis import split_plan, synthesize_shard
-
-from conftest import tiny_digits
 
 PARAMS = Hyperparameters(depth=3, width=4, head_width=16, lr=5e-3, batch_size=32, box_loss_weight=0.1)
 

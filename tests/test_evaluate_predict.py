@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_digits
+from helpers import tiny_digits
 from PIL import Image
 from torchvision.ops import box_iou
 

@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_digits
+from helpers import tiny_digits
 
+from raylocal.budget import (DEFAULT_BUDGET_MINUTES, FINISH_SECONDS, ONE_VIEW_COPY_SECONDS, SEARCH_SHARE, START_SECONDS,
+                             VIEW_SECONDS, TimeBudget)
 from raylocal.config import OBJECTIVE, ConfigError, Hyperparameters
-from raylocal.budget import FINISH_SECONDS, ONE_VIEW_COPY_SECONDS, SEARCH_SHARE, START_SECONDS, VIEW_SECONDS, TimeBudget
 from raylocal.engine import fit
 from raylocal.final import (
     DDP_EFFICIENCY,
@@ -29,10 +30,9 @@ from raylocal.final import (
     pick_winner,
     plan_epochs,
 )
-from raylocal.resources import final_layout
 from raylocal.model import build_model
+from raylocal.resources import final_layout
 from raylocal.synthesis import split_plan, synthesize_shard
-from raylocal.budget import DEFAULT_BUDGET_MINUTES
 from raylocal.plan import build_plan
 from raylocal.settings import Settings
 from raylocal.tune import get_args_parser
@@ -277,7 +277,6 @@ def test_rays_per_report_log_lines_are_hidden_unless_asked_for_and_put_back_afte
         assert [logger.level for logger in loggers] == before
 
 
-@pytest.mark.ray
 def test_the_stream_reader_hands_out_exact_pieces_across_blocks(ray_session):
     import ray
 
@@ -295,7 +294,6 @@ def test_the_stream_reader_hands_out_exact_pieces_across_blocks(ray_session):
         reader.take(30)
 
 
-@pytest.mark.ray
 def test_the_streams_scheduling_loop_waits_while_its_budget_holds_it_back(ray_session, tiny_mnist_dir):
     """Read slowly, the stream is held back by its object-store budget; Ray Data's loop then spins
     (hundreds of steps a second), raylocal's paced one waits. Both hand out the same canvases."""

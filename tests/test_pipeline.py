@@ -16,8 +16,6 @@ from raylocal.mnist import load_mnist
 from raylocal.synthesis import split_plan, synthesize_shard
 from raylocal.tune import get_args_parser, main
 
-pytestmark = pytest.mark.ray
-
 
 def search_args(tmp_path, tiny_mnist_dir, *extra: str):
     return get_args_parser().parse_args(
@@ -152,6 +150,9 @@ def trial_results(experiment_dir) -> list[dict]:
     return all_reports(read_search(experiment_dir)).to_dict("records")
 
 
+# Slow tier: a second whole search. In the fast one, the smoke search's final run is DDP over gloo
+# across both nodes; this one's trials are.
+@pytest.mark.slow
 def test_two_workers_per_trial_run_ddp_over_gloo_across_both_nodes(ray_session, tmp_path, tiny_mnist_dir):
     # One trial: its Train run across both nodes is what this checks (test_resume runs several).
     main(search_args(tmp_path, tiny_mnist_dir, "--workers-per-trial", "2", "--no-final", "--trials", "1"))

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SESSION_MARK
 
-from conftest import SESSION_MARK
 from raylocal.cluster import LOOPBACK_SWITCH
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

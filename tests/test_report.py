@@ -83,7 +83,6 @@ def read_rows(report_md: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-@pytest.mark.ray
 def test_trials_csv_has_one_row_per_trial_best_first_with_its_stop_reason(report):
     rows = read_rows(report[0])
     assert [float(row["lr"]) for row in rows] == [1e-3, 3e-3, 5e-2, 1e-4]
@@ -99,7 +98,6 @@ def test_trials_csv_has_one_row_per_trial_best_first_with_its_stop_reason(report
     assert float(rows[-1]["best_val_det_iou"]) == 0.2
 
 
-@pytest.mark.ray
 def test_the_reader_gives_each_trial_its_parameters_history_and_status(experiment):
     trials = read_search(experiment)
     assert [trial.status for trial in trials] == ["TERMINATED", "TERMINATED", "ERROR", "TERMINATED"]
@@ -118,7 +116,6 @@ def test_how_a_trial_ended_comes_from_tunes_status_and_its_last_report(status, e
     assert stop_reason(status, epoch, MAX_EPOCHS, decided) == reason
 
 
-@pytest.mark.ray
 def test_every_plot_is_written_and_opens_at_a_readable_size(report):
     path, lines = report
     for name in PNGS:
@@ -128,7 +125,6 @@ def test_every_plot_is_written_and_opens_at_a_readable_size(report):
     assert len(lines) == len(PNGS) + 2 and all(line.startswith("report: wrote ") for line in lines)
 
 
-@pytest.mark.ray
 def test_report_md_counts_trials_names_the_best_and_links_files_that_exist(report):
     path = report[0]
     text = path.read_text()
@@ -186,7 +182,6 @@ def test_the_report_reads_the_searched_space_from_the_manifest(tmp_path):
     assert searched_space(tmp_path / "elsewhere") == {}
 
 
-@pytest.mark.ray
 def test_one_trial_gives_a_report_without_importance(ray_session, tmp_path):
     path = write_report(run_scripted_search(tmp_path, lrs=(5e-2,)), log=lambda line: None)
     assert path == tmp_path / "search" / "report" / "report.md"
@@ -196,7 +191,6 @@ def test_one_trial_gives_a_report_without_importance(ray_session, tmp_path):
     assert read_rows(path)[0]["stop_reason"] == COMPLETED
 
 
-@pytest.mark.ray
 def test_cli_writes_into_the_experiment_by_default(experiment, tmp_path, capsys):
     copy = shutil.copytree(experiment, tmp_path / experiment.name)
     assert cli([str(copy)]) == 0
@@ -210,7 +204,6 @@ def test_cli_on_a_folder_without_trials_exits_2_with_one_message(tmp_path, capsy
     assert err.count("\n") == 1 and "holds no Tune search" in err
 
 
-@pytest.mark.ray
 def test_test_metrics_come_from_the_export_dir_the_search_was_given(experiment, tmp_path):
     """The cluster recipe exports elsewhere (--export-dir); the report finds the card through the manifest."""
     from raylocal.config import Dimension, Experiment

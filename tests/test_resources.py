@@ -108,7 +108,9 @@ def gpu_node(ray_session):
         assert ray.cluster_resources().get("GPU", 0) == 0
 
 
-@pytest.mark.ray
+# Slow tier, as the DDP case below: a search on a node added for it. The layouts themselves are
+# checked above, without Ray, in the fast tier.
+@pytest.mark.slow
 def test_logical_gpus_give_each_trial_a_fraction_and_one_gpu_id(gpu_node, tmp_path, tiny_mnist_dir, capsys):
     from raylocal.results import read_search
     from raylocal.tune import get_args_parser, main
@@ -136,7 +138,7 @@ def test_logical_gpus_give_each_trial_a_fraction_and_one_gpu_id(gpu_node, tmp_pa
         assert last["worker_nodes"] == gpu_node.node_id  # the only node with GPUs
 
 
-@pytest.mark.ray
+@pytest.mark.slow
 def test_logical_gpus_give_each_ddp_worker_a_whole_gpu_of_its_own(gpu_node, tmp_path, tiny_mnist_dir, capsys):
     from raylocal.results import read_search
     from raylocal.tune import get_args_parser, main

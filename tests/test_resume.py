@@ -11,46 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.ray
-
-# No rung before the last epoch (the grace period is the whole budget), so every trial trains all
-# its epochs: with ASHA rungs, two trials in lockstep could both pass every rung (the first at a
-# rung is always kept), finish together, and the third be stopped at its first report, leaving no
-# moment with one trial done and another running.
-def experiment(trials: int = 3, max_epochs: int = 8) -> str:
-    return f"""
-[fixed]
-depth = 3
-width = 16
-head_width = 32
-batch_size = 32
-[space]
-lr = {{ type = "loguniform", low = 1e-3, high = 1e-2 }}
-[budget]
-trials = {trials}
-max_epochs = {max_epochs}
-first_epoch_reports = 2
-reports_per_epoch = 2
-grace_period = {max_epochs}
-reduction_factor = 2
-[data]
-shard_size = 500
-"""
-
-
-def results_by_trial(experiment_dir: Path) -> dict[str, list[dict]]:
-    """The result rows in every trial folder as they are written: for watching a search that is
-    still running, whose Tune state (`raylocal.results`) is saved only now and then."""
-    return {
-        path.parent.name: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for path in experiment_dir.glob("run_trial_*/result.json")
-    }
-
-
-def search(start_search, tmp_path: Path, address: str, *flags: str, **kwargs) -> subprocess.Popen:
-    return start_search("--address", address, "--quiet", "--storage", str(tmp_path / "results"), "--name", "resumable",
-                        "--time-budget", "0", *flags, **kwargs)
+from helpers import experiment, results_by_trial, search
 
 
 # Tune's driver writes results and its saved state (which trials it holds, their checkpoints) in
@@ -136,11 +97,13 @@ def lose_the_saved_checkpoint(experiment_dir: Path, trial_folder: str) -> bool:
     return True
 
 
+# Slow tier: each case runs a search twice, once killed; the flag checks below stay in the fast tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [
     pytest.param(1, id="inline"),
     # Trials of two DDP workers, one at a time on the session's two one-CPU nodes: each trial's Train
     # run is found again by its stable name and continues from its own checkpoint.
-    pytest.param(2, id="ddp", marks=pytest.mark.slow),
+    pytest.param(2, id="ddp"),
 ])
 def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp_path, tiny_mnist_dir, start_search,
                                                                  workers):

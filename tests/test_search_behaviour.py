@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.ray
-
 TRIALS, SEED = 8, 3
 EXPERIMENT = f"""
 [fixed]

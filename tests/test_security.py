@@ -41,12 +41,10 @@ def test_exported_weights_holding_objects_are_refused(tmp_path):
         load_state_dict_model(export_dir)
 
 
-@pytest.mark.ray
 def test_the_dashboards_job_api_refuses_requests_without_the_token(ray_session):
     """The test session's cluster is token-protected like the product's local instance; its
     token is the session's own (RAY_AUTH_TOKEN), not one written into ~/.ray."""
     import os
-
     import urllib.error
     import urllib.request
 
@@ -63,7 +61,9 @@ def test_the_dashboards_job_api_refuses_requests_without_the_token(ray_session):
         assert response.status == 200
 
 
-@pytest.mark.ray
+# Slow tier: a whole local search with its final run. In the fast one, test_cluster checks that a local
+# instance's address is on loopback, and the test above that the dashboard wants the token.
+@pytest.mark.slow
 def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_token(tmp_path, tiny_mnist_dir,
                                                                                       start_search):
     """A default local search (inline trials, then a final run over two DDP workers): every socket
@@ -77,7 +77,7 @@ def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_to
     import urllib.error
     import urllib.request
 
-    from conftest import Listeners
+    from helpers import Listeners
 
     # Not --quiet: the workers' output reaches the console, where the final run's progress must show
     # and Ray's per-report lines and the stream's progress bars must not.

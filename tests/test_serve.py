@@ -69,7 +69,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(export_dir, tmp_path_factory):
+def serve_url(export_dir, tmp_path_factory):
     """`python -m raylocal.serve EXPORT_DIR --port P` in a process group of its own, with a local Ray
     instance of its own; stopped with SIGTERM as a user's Ctrl+C would, its group killed if it lingers."""
     port = free_port()
@@ -145,19 +145,19 @@ def assert_same_answer(served: dict, expected: dict) -> None:
     assert served["box_pixels"] == pytest.approx(expected["box_pixels"], abs=0.5)
 
 
-def test_served_answers_match_predict_on_the_same_images(server, export_dir, images, capsys):
+def test_served_answers_match_predict_on_the_same_images(serve_url, export_dir, images, capsys):
     expected = predicted(export_dir, list(images.values()), capsys)
     for name, path in images.items():
-        status, answer = post(server, path.read_bytes())
+        status, answer = post(serve_url, path.read_bytes())
         assert status == 200, answer
         assert_same_answer(answer, expected[name])
     assert any("scaled by" in note for note in expected["close-up"]["preprocessing"])
 
 
-def test_a_json_batch_of_canvases_answers_each(server, export_dir, images, capsys):
+def test_a_json_batch_of_canvases_answers_each(serve_url, export_dir, images, capsys):
     expected = predicted(export_dir, [images["canvas"]], capsys)["canvas"]
     canvas = sample_images()["canvas"] / 255
-    status, answer = post(server, json.dumps({"canvases": [canvas.tolist()] * 3}).encode(), "application/json")
+    status, answer = post(serve_url, json.dumps({"canvases": [canvas.tolist()] * 3}).encode(), "application/json")
     assert status == 200, answer
     assert len(answer["predictions"]) == 3
     for served in answer["predictions"]:
@@ -187,22 +187,22 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_a_bad_request_gets_a_4xx_with_one_line_and_the_server_goes_on(server, images, case):
+def test_a_bad_request_gets_a_4xx_with_one_line_and_the_server_goes_on(serve_url, images, case):
     body, content_type, status, reason = BAD_REQUESTS[case]
-    got, answer = post(server, body, content_type)
+    got, answer = post(serve_url, body, content_type)
     assert (got, set(answer)) == (status, {"error"}), answer
     assert reason in answer["error"] and "\n" not in answer["error"]
-    assert get(server + "/healthz")[1]["status"] == "ok"
-    assert post(server, images["canvas"].read_bytes())[0] == 200
+    assert get(serve_url + "/healthz")[1]["status"] == "ok"
+    assert post(serve_url, images["canvas"].read_bytes())[0] == 200
 
 
-def test_a_bounded_load_from_8_clients_loses_no_request(server, images):
+def test_a_bounded_load_from_8_clients_loses_no_request(serve_url, images):
     bodies = [path.read_bytes() for path in images.values()]
-    want = {index: post(server, body)[1] for index, body in enumerate(bodies)}
+    want = {index: post(serve_url, body)[1] for index, body in enumerate(bodies)}
 
     def one(number: int) -> tuple[int, int, dict]:
         index = number % len(bodies)
-        status, answer = post(server, bodies[index], timeout=120)
+        status, answer = post(serve_url, bodies[index], timeout=120)
         return index, status, answer
 
     with ThreadPoolExecutor(LOAD_CLIENTS) as clients:
@@ -215,10 +215,16 @@ def test_a_bounded_load_from_8_clients_loses_no_request(server, images):
         assert answer["confidence"] == pytest.approx(want[index]["confidence"], abs=1e-5)
 
 
-def test_a_storage_uri_is_refused_naming_what_to_do(capsys):
+def test_a_storage_uri_that_cannot_be_read_is_one_line_before_ray_starts(monkeypatch, capsys):
+    # A store that does not answer (nothing listens on the port); never AWS's own addresses.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    for key, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
     assert serve.cli(["s3://bucket/best_model"]) == 2
     err = capsys.readouterr().err
-    assert "storage URIs are not supported yet" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "cannot read s3://bucket/best_model: NETWORK_CONNECTION" in err, err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 def test_a_folder_without_an_export_is_refused_before_ray_starts(tmp_path, capsys):

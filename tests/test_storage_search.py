@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import experiment
 from s3server import s3_server
 
 from raylocal.results import read_search
@@ -39,27 +40,6 @@ def s3_env(s3, tmp_path):
     return s3.environment() | {"HOME": str(home), "RAYLOCAL_CACHE": str(home / "cache")}
 
 
-def tiny_experiment(trials: int, max_epochs: int) -> str:
-    """Every trial trains all its epochs (no rung before the last), so trials finish one by one."""
-    return f"""
-[fixed]
-depth = 3
-width = 8
-head_width = 16
-batch_size = 32
-[space]
-lr = {{ type = "loguniform", low = 1e-3, high = 1e-2 }}
-[budget]
-trials = {trials}
-max_epochs = {max_epochs}
-first_epoch_reports = 2
-reports_per_epoch = 2
-grace_period = {max_epochs}
-[data]
-shard_size = 500
-"""
-
-
 def run_command(module: str, *args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> str:
     done = subprocess.run([sys.executable, "-m", module, *args], env=os.environ | env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
@@ -72,6 +52,7 @@ def no_local_uri_folders(*roots: Path) -> bool:
     return not any(path.name.endswith(":") for root in roots for path in root.rglob("*"))
 
 
+@pytest.mark.slow  # a second whole smoke search, with the readers after it
 def test_a_smoke_search_lives_in_the_bucket_and_its_readers_take_the_uri(s3, s3_env, tmp_path, tiny_mnist_dir,
                                                                           start_search):
     search = start_search("--smoke-test", "--data-dir", str(tiny_mnist_dir), "--unverified-data", "--quiet",
@@ -149,7 +130,7 @@ def wait_for_one_done_and_one_running(s3, prefix: str, process, max_epochs: int,
 @pytest.mark.slow
 def test_a_search_killed_on_one_machine_resumes_from_the_bucket_on_another(s3, s3_env, tmp_path, tiny_mnist_dir,
                                                                             start_search):
-    (tmp_path / "space.toml").write_text(tiny_experiment(trials=3, max_epochs=6))
+    (tmp_path / "space.toml").write_text(experiment(trials=3, max_epochs=6, width=8))
     flags = ("--storage", f"s3://{BUCKET}/raylocal", "--name", "killed", "--quiet", "--time-budget", "0")
     first = start_search("--experiment", "space.toml", "--no-final", "--data-dir", str(tiny_mnist_dir),
                          "--unverified-data", *flags, extra_env=s3_env | {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
@@ -177,7 +158,7 @@ def test_a_search_killed_on_one_machine_resumes_from_the_bucket_on_another(s3, s
 
 @pytest.mark.slow
 def test_a_storage_outage_mid_search_loses_no_finished_trial(s3, s3_env, tmp_path, tiny_mnist_dir, start_search):
-    (tmp_path / "space.toml").write_text(tiny_experiment(trials=3, max_epochs=6))
+    (tmp_path / "space.toml").write_text(experiment(trials=3, max_epochs=6, width=8))
     flags = ("--storage", f"s3://{BUCKET}/raylocal", "--name", "outage", "--quiet", "--time-budget", "0")
     search = start_search("--experiment", "space.toml", "--no-final", "--data-dir", str(tiny_mnist_dir),
                           "--unverified-data", *flags, extra_env=s3_env | {"TUNE_GLOBAL_CHECKPOINT_S": "1"})

@@ -7,10 +7,9 @@ import signal
 import time
 
 import pytest
+from helpers import results_by_trial, search
 
-from test_resume import results_by_trial, search
-
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 EXPERIMENT = """
 [fixed]
