@@ -4,8 +4,10 @@ Ray Train's own set-up lets rank 0 host torch's rendezvous store (TCPStore), and
 listens on every interface (`::`) whatever the master address says: a local search would accept
 connections from the network. Here rank 0 binds the store's socket to the master address itself
 (Ray's address of rank 0's node: 127.0.0.1 in a local instance) and hands it to the store
-(`master_listen_fd`). On loopback, gloo's and NCCL's own sockets are pinned to the loopback
-interface as well. Everything else is Ray Train's `TorchConfig`.
+(`master_listen_fd`). gloo's and NCCL's own sockets are pinned to the interface of each rank's
+node address: loopback in a local instance, the cluster's network across machines (where the host
+name may resolve to no address of the machine, and gloo would fall back to loopback and fail).
+Everything else is Ray Train's `TorchConfig`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ def loopback_interface() -> str:
     return "lo0" if sys.platform == "darwin" else "lo"
 
 
+def interface_of(address: str) -> str | None:
+    """The network interface that holds `address` on this machine, if one does."""
+    import psutil  # Ray ships it and puts it on the path (ray/thirdparty_files)
+
+    for name, entries in psutil.net_if_addrs().items():
+        if any(entry.address.split("%")[0] == address for entry in entries):
+            return name
+    return None
+
+
 def join_process_group(backend: str, world_rank: int, world_size: int, address: str, port: int,
                        timeout_s: float) -> None:
     """Runs on every worker: rank 0 serves the store on `address:port` alone, the others join it."""
@@ -39,6 +51,13 @@ def join_process_group(backend: str, world_rank: int, world_size: int, address: 
     os.environ |= {"MASTER_ADDR": address, "MASTER_PORT": str(port)}
     if address in LOOPBACK_ADDRESSES:
         os.environ |= dict.fromkeys(INTERFACE_VARIABLES, loopback_interface())
+    else:
+        import ray
+
+        # This rank's own node address, where Ray reaches it: gloo's default is the host name's.
+        interface = interface_of(ray.util.get_node_ip_address())
+        if interface:
+            os.environ |= {name: os.environ.get(name, interface) for name in INTERFACE_VARIABLES}
     timeout = timedelta(seconds=timeout_s)
     if world_rank == 0:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET

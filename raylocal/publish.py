@@ -32,7 +32,8 @@ def best_checkpoint(result) -> tuple[Any, dict[str, Any]]:
     if frame is None or "checkpoint_path" not in frame:
         raise RuntimeError(f"trial {result.path} reported no checkpoint")
     row = frame.loc[frame[OBJECTIVE].idxmax()].to_dict()
-    return train.Checkpoint(row["checkpoint_path"]), row
+    # Train records the path within the search's storage (no scheme on object storage): open it there.
+    return train.Checkpoint(row["checkpoint_path"], filesystem=result.filesystem), row
 
 
 def model_from_state(state: dict[str, Any], params: Hyperparameters):
