@@ -117,7 +117,7 @@ def report_epochs(max_epochs: int) -> list[float]:
 
 
 def wait_for_one_done_and_one_running(experiment_dir: Path, process: subprocess.Popen, max_epochs: int, workers: int,
-                                      timeout_s: float = 240):
+                                      timeout_s: float = 600):
     """A moment with one trial done and one running, both so in Tune's saved state, the running
     one having reported (inline: twice) and having at least a whole epoch left to train: a trial
     that finished training just before the kill has nothing left to continue after the resume."""
@@ -205,7 +205,7 @@ def test_a_killed_search_resumes_without_losing_or_redoing_work(ray_session, tmp
     before = results_by_trial(experiment_dir)
 
     second = search(start_search, tmp_path, ray_session.address, "--resume")
-    output, _ = second.communicate(timeout=300)
+    output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
     if workers == 1:  # the deleted-checkpoint path was taken
         assert f"resume: {interrupted}: its saved checkpoint" in output, output
@@ -304,7 +304,7 @@ def test_a_search_killed_in_its_final_phase_resumes_the_final_run(ray_session, t
     run_dir = experiment_dir / "final" / "final-1-seed0"
     first = search(start_search, tmp_path, ray_session.address, "--experiment", "space.toml", "--final-epochs", "5",
                    "--data-dir", str(tiny_mnist_dir), "--unverified-data")
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     # Ray Train's snapshot names the checkpoints it registered; it is written after the first.
     while not (run_dir / "checkpoint_manager_snapshot.json").is_file():
         if first.poll() is not None or time.monotonic() > deadline:
@@ -322,7 +322,7 @@ def test_a_search_killed_in_its_final_phase_resumes_the_final_run(ray_session, t
     assert killed is not None and 1 <= killed.done < 5, f"the final run had {killed} when it was killed"
 
     second = search(start_search, tmp_path, ray_session.address, "--resume")
-    output, _ = second.communicate(timeout=300)
+    output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output
     # The search is not run again; the final run continues after its last checkpoint: its
     # checkpoint's history (one row per epoch, carried from checkpoint to checkpoint) begins with
