@@ -49,9 +49,7 @@ def test_killing_a_train_worker_restarts_the_trial_from_its_checkpoint(ray_sessi
     killed_at = len(rows)
 
     output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output
     rows = next(iter(results_by_trial(experiment_dir).values()))
-    assert rows[-1]["epoch"] == 6.0
     restarted = [i for i, row in enumerate(rows) if str(victim) not in row["worker_pids"].split(",")]
     assert restarted and restarted[0] >= killed_at, "no report came from a new worker group"
     # Every report carries a checkpoint, registered once both workers reported: the new worker
@@ -60,4 +58,5 @@ def test_killing_a_train_worker_restarts_the_trial_from_its_checkpoint(ray_sessi
     last_before = rows[restarted[0] - 1]["epoch"]
     assert rows[restarted[0]]["epoch"] == epochs[epochs.index(last_before) + 1], [row["epoch"] for row in rows]
     assert [row["epoch"] for row in rows] == epochs, [row["epoch"] for row in rows]
+    assert process.returncode == 0, output
     assert (experiment_dir / "best_model" / "model.pt2").is_file()
