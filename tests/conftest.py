@@ -185,3 +185,50 @@ def ray_session():
         # The dashboard is on because Ray Train cleans up placement groups through its state API.
         with local_cluster([{"num_cpus": 1}, {"num_cpus": 1}], connect_driver=True) as cluster:
             yield cluster
+
+
+@pytest.fixture
+def ray_start_head():
+    """`ray start --head` as a user runs it, on loopback and on free ports, with a temp folder of
+    its own (RAY_TMPDIR: its "current cluster" file is not the user's). Stopped by killing exactly
+    the processes it started (they carry a mark in their environment): never `ray stop`, which
+    would stop every Ray of this user. Yields (environment for the processes that join, address)."""
+    import secrets
+    import shutil
+    import signal
+    import tempfile
+
+    import psutil
+
+    from raylocal.cluster import LOOPBACK_SWITCH, free_port
+
+    mark = secrets.token_hex(8)
+    # Short: Ray's unix sockets live under it, and their paths are limited to ~100 characters.
+    temp = tempfile.mkdtemp(prefix="rl", dir="/tmp")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env |= {LOOPBACK_SWITCH: "0", "RAY_TMPDIR": temp, "RAYLOCAL_TEST_HEAD": mark, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = free_port()
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+
+    def started() -> list:
+        found = []
+        for process in psutil.process_iter(["pid"]):
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("RAYLOCAL_TEST_HEAD") == mark:
+                    found.append(process)
+        return found
+
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}"],
+                       env=env, check=True, capture_output=True, text=True, timeout=180)
+        yield env, f"127.0.0.1:{port}"
+    finally:
+        for process in started():
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGTERM)
+        gone, alive = psutil.wait_procs(started(), timeout=5)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -107,3 +107,10 @@ reduction_factor = 2
 [data]
 shard_size = 500
 """
+
+
+def report_epochs(max_epochs: int) -> list[float]:
+    """The epoch of every report of a trial, in order (`experiment()`'s reporting schedule)."""
+    from raylocal.engine import report_schedule
+
+    return [epoch + (part + 1) / parts for epoch, part, parts in report_schedule(max_epochs, 2, 2)]

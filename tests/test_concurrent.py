@@ -13,8 +13,10 @@ import re
 
 import pytest
 from helpers import Listeners
+from train_sockets import TrainWorkerSockets
 
 from raylocal.export import EXPORT_FILES
+from raylocal.results import all_reports, read_search
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +30,20 @@ def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_
                            "--workers-per-trial", "2", "--no-final")
         for name in ("first", "second")
     }
-    with Listeners(runs["first"].pid) as first, Listeners(runs["second"].pid) as second:
+    with (Listeners(runs["first"].pid) as first, Listeners(runs["second"].pid) as second,
+          TrainWorkerSockets(runs["first"].pid) as first_train, TrainWorkerSockets(runs["second"].pid) as second_train):
         outputs = {name: process.communicate(timeout=400)[0] for name, process in runs.items()}
     # Every socket either search listened on, its DDP trials' rendezvous store and gloo included,
     # was on loopback: a local search is not reachable from the network.
     for listeners in (first, second):
         assert listeners.of("RayTrainWorker") and listeners.of("gcs_server"), sorted(listeners.seen)
         assert not listeners.beyond_loopback(), listeners.beyond_loopback()
+    # Not missed between two polls: each trial's rendezvous store (rank 0) and gloo's listener(s),
+    # each connected to by the other worker, were seen, on loopback.
+    for train in (first_train, second_train):
+        between = train.between_workers()
+        assert len(between) >= 2, (between, train.listening, train.connected)
+        assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in between), between
     for name, process in runs.items():
         assert process.returncode == 0, outputs[name]
         assert "Found multiple active Ray instances" not in outputs[name]
@@ -46,6 +55,13 @@ def test_two_local_train_searches_at_once_both_finish_and_export(tmp_path, tiny_
         with open(tmp_path / "results" / name / "report" / "trials.csv") as table:
             trials = list(csv.DictReader(table))
         assert len(trials) == 1 and all(int(trial["reports"]) >= 1 for trial in trials), trials
+    # At once: each search's trial trained while the other's did (from its reports' times).
+    spans = []
+    for name in runs:
+        reports = all_reports(read_search(tmp_path / "results" / name))
+        spans.append(((reports["timestamp"] - reports["time_total_s"]).min(), reports["timestamp"].max()))
+    (first_start, first_end), (second_start, second_end) = spans
+    assert first_start <= second_end and second_start <= first_end, spans
     dashboards = {re.search(r"ray: dashboard at (\S+)", output).group(1) for output in outputs.values()}
     assert len(dashboards) == 2, "the two searches shared one Ray instance"
     assert all(url.startswith("http://127.0.0.1:") for url in dashboards), dashboards

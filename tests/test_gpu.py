@@ -1,5 +1,6 @@
 """On a real GPU (marked `gpu`, skipped where CUDA is absent): fractional-GPU and DDP searches,
-a CUDA-trained checkpoint through the export, and bf16 training that stays finite.
+a CUDA-trained checkpoint through the export, bf16 training that stays finite, its convolutions
+really computed in bf16.
 
 `experiments/gpu_check.sh` runs these with the GPU benchmarks; on machines without CUDA each
 test says why it is skipped.
@@ -82,6 +83,26 @@ def test_bf16_training_on_cuda_gives_finite_metrics_that_improve(tiny_mnist_dir)
     assert reports[-1]["train_loss"] < reports[0]["train_loss"]
     assert all(tensor.device.type == "cuda" for tensor in state["model"].values())
     assert "cuda_rng" in state
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), reason="GPU without bf16")
+def test_the_training_loop_computes_its_convolutions_in_bf16_on_cuda(tiny_mnist_dir, monkeypatch):
+    """Inside the loop's autocast region the activations are bf16: a hook on every convolution of
+    the model `fit` builds records its output's dtype, in training and in validation."""
+    import raylocal.engine
+
+    seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
+
+    def hooked(config):
+        model = build_model(config)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(lambda module, _, output: seen[module.training].add(output.dtype))
+        return model
+
+    monkeypatch.setattr(raylocal.engine, "build_model", hooked)
+    cuda_fit(Hyperparameters(depth=3, width=8, lr=3e-3), tiny_mnist_dir, rows=256)
+    assert seen == {True: {torch.bfloat16}, False: {torch.bfloat16}}, seen
 
 
 def test_cuda_checkpoint_exports_and_onnxruntime_on_cpu_matches(tmp_path, tiny_mnist_dir):

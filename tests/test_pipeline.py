@@ -217,6 +217,7 @@ def test_python_entry_point_runs_the_same_search_and_returns_its_result(ray_sess
 @pytest.mark.slow  # a minute: the budget is 1.6 minutes
 def test_a_time_budget_stops_the_search_and_skips_a_final_phase_that_cannot_fit(ray_session, tmp_path, tiny_mnist_dir,
                                                                                capsys):
+    # Timing: a time budget is wall time and cannot be waited on as a state; 1.6 min is the least one view allows.
     # 1.6 minutes leave too little for a final run: the search takes all but the 40 s for scoring
     # one view and export, too little for 200 trials of the smoke data, and its best checkpoint is
     # exported. (With 5 views the 123 s kept would leave nothing to train: a ConfigError.)

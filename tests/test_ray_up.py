@@ -31,41 +31,11 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import SESSION_MARK
+from rayup import ROOT, SSHD_PATHS, missing_requirements
 
 from raylocal.cluster import LOOPBACK_SWITCH
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-ROOT = Path(__file__).resolve().parents[1]
-SSHD_PATHS = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
-TOOLS = ("unshare", "ip", "ssh", "ssh-keygen", "rsync", "mount")
-
-
-def missing_requirements() -> str | None:
-    """Why this machine cannot run the test, or None."""
-    if not sys.platform.startswith("linux") or os.geteuid() != 0:
-        return "needs Linux and root (network, PID and mount namespaces)"
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if not any(os.access(path, os.X_OK) for path in SSHD_PATHS):
-        missing.append("sshd")
-    try:
-        pwd.getpwnam("sshd")  # sshd's privilege separation user, made by the openssh-server package
-    except KeyError:
-        missing.append("the sshd user")
-    if missing:
-        return f"missing {', '.join(missing)} (Debian: apt-get install openssh-server rsync iproute2; .ci/run does)"
-    # The namespaces, and the mounts the flow makes in them, on the file system its folder is on.
-    with tempfile.TemporaryDirectory(prefix="rlprobe") as folder:
-        for name in ("low", "up", "work"):
-            os.mkdir(os.path.join(folder, name))
-        mounts = (f"mount -t overlay overlay -o lowerdir={folder}/low,upperdir={folder}/up,workdir={folder}/work "
-                  f"{folder}/low && mount -t tmpfs tmpfs /run")
-        probe = subprocess.run(["unshare", "--net", "--pid", "--mount", "--fork", "sh", "-c", mounts],
-                               capture_output=True, text=True)
-    if probe.returncode:
-        return f"cannot make the namespaces and mounts here: {probe.stderr.strip()}"
-    return None
-
 
 def local_config(work: Path, key: Path) -> dict:
     config = yaml.safe_load((ROOT / "cluster.local.yaml").read_text())
@@ -135,8 +105,21 @@ def test_ray_up_on_your_own_machines_runs_a_submitted_search(work, tiny_mnist_di
     reason = missing_requirements()
     if reason:
         pytest.skip(reason)
+    import hashlib
+
+    def files_of(home: Path) -> dict[str, str]:
+        """Every file under root's home and its SHA-256 (a link: where it points)."""
+        found = {}
+        for path in home.rglob("*"):
+            if path.is_symlink():
+                found[str(path)] = f"-> {os.readlink(path)}"
+            elif path.is_file():
+                with open(path, "rb") as file:
+                    found[str(path)] = hashlib.file_digest(file, "sha256").hexdigest()
+        return found
+
     root_home = Path(pwd.getpwuid(0).pw_dir)
-    before = sorted(path.name for path in root_home.iterdir())
+    before = files_of(root_home)
     for folder in ("home-upper", "home-work", "client-home", "ray"):
         (work / folder).mkdir()
     key = work / "id_ed25519"
@@ -144,7 +127,12 @@ def test_ray_up_on_your_own_machines_runs_a_submitted_search(work, tiny_mnist_di
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     (work / "sshd_config").write_text(sshd_config(work, key))
     (work / "cluster.yaml").write_text(yaml.safe_dump(local_config(work, key)))
-    (work / "flow.sh").write_text(FLOW)
+    # Inside the namespace, once the head runs: what listens on the dashboard's port, and what its
+    # job API answers a request without the token.
+    checks = ('echo "== dashboard listeners"\nss -Hltn "sport = :8265"\n'
+              'echo "== job API without the token"\n'
+              "curl -s -o /dev/null -w '%{http_code}\\n' http://127.0.0.1:8265/api/jobs/\n")
+    (work / "flow.sh").write_text(FLOW.replace('echo "== ray job submit"\n', checks + 'echo "== ray job submit"\n'))
     sshd = next(path for path in SSHD_PATHS if os.access(path, os.X_OK))
     # The session's own token and loopback switch stay outside: the cluster makes its own, as for a user.
     env = {key: value for key, value in os.environ.items()
@@ -173,5 +161,10 @@ def test_ray_up_on_your_own_machines_runs_a_submitted_search(work, tiny_mnist_di
     mounted = work / "home-upper" / "raylocal"
     assert (mounted / "pyproject.toml").read_text() == (ROOT / "pyproject.toml").read_text()
     assert (mounted / "raylocal" / "tune.py").is_file()
-    # Root's real home is as it was: every write went to the overlay.
-    assert sorted(path.name for path in root_home.iterdir()) == before
+    # The dashboard listened on loopback alone, and refused a request without the token.
+    section = done.stdout.split("== dashboard listeners\n")[1].split("== ")[0]
+    bound = [line.split()[3] for line in section.splitlines() if line.strip()]
+    assert bound and set(bound) == {"127.0.0.1:8265"}, section
+    assert done.stdout.split("== job API without the token\n")[1].splitlines()[0] == "401", done.stdout[-3000:]
+    # Root's real home is as it was, file by file: every write went to the overlay.
+    assert files_of(root_home) == before

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SESSION_MARK
-from test_ray_up import ROOT, SSHD_PATHS, missing_requirements
+from helpers import SESSION_MARK
+from rayup import ROOT, SSHD_PATHS, missing_requirements
 
 from raylocal.cluster import LOOPBACK_SWITCH
 

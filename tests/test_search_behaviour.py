@@ -1,13 +1,14 @@
 """What the search does, read back from what it saved: ASHA stops trials at its rungs but never
 the start point, every Optuna trial holds its value, the search starts from the experiment's
 start point, the seed fixes the next configurations, and TPE then samples differently from what
-its seeded random start-up alone would give. Eight toy trials."""
+its seeded random start-up alone would give. Twenty toy trials: the seeded random start-up is
+then five of them."""
 
 from __future__ import annotations
 
 import pytest
 
-TRIALS, SEED = 8, 3
+TRIALS, SEED = 20, 3
 EXPERIMENT = f"""
 [fixed]
 depth = 2
@@ -67,6 +68,27 @@ def test_asha_never_stopped_the_start_point(searched):
     trials = read_search(searched[0])
     started = [trial for trial in trials if is_config(trial.params, start_point)]
     assert len(started) == 1 and started[0].stop_reason(2.0) == COMPLETED, [trial.last for trial in started]
+    # It trained all its epochs although it scored below a rung's cutoff: the median (reduction
+    # factor 2) of the other trials' results there. Not the cutoff when it arrived: the first trial
+    # is often first at a rung, where ASHA has nothing to compare it with.
+    below = cutoffs_beaten(started[0], [trial for trial in trials if trial is not started[0]])
+    assert below, "the start point never scored below a rung's cutoff: the test proves nothing"
+
+
+def cutoffs_beaten(kept, others) -> list[tuple[float, float, float]]:
+    """(rung, the kept trial's score there, the cutoff from the others' results there) for each
+    rung where the kept trial scored below that cutoff."""
+    import numpy as np
+
+    from raylocal.config import OBJECTIVE
+
+    below = []
+    for rung in (0.5, 1.0):
+        mine = kept.history[kept.history["epoch"] >= rung].iloc[0][OBJECTIVE]
+        theirs = [row[OBJECTIVE] for trial in others for _, row in trial.history.iterrows() if row["epoch"] == rung]
+        if theirs and mine < (cutoff := np.nanpercentile(theirs, 50)):
+            below.append((rung, mine, cutoff))
+    return below
 
 
 def test_every_optuna_trial_holds_its_value(searched):
@@ -110,6 +132,7 @@ def test_the_seed_fixes_the_first_configurations_and_tpe_then_models(searched):
     # The search starts from the experiment's start point, then draws the seeded random start-up.
     start_point = load_experiment(experiment_dir.parents[1] / "space.toml").start_point()
     assert searched_configurations[0] == start_point
+    assert startup - 1 >= 4
     assert searched_configurations[1:startup] == expected[:startup - 1]
     # A trial asked for while fewer than `startup` trials have finished is still drawn at random
     # (trials run two at a time here), so only some later ones need differ: random-only would

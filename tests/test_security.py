@@ -3,6 +3,7 @@ and a local search is reachable from this machine alone, with the token."""
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -44,7 +45,6 @@ def test_exported_weights_holding_objects_are_refused(tmp_path):
 def test_the_dashboards_job_api_refuses_requests_without_the_token(ray_session):
     """The test session's cluster is token-protected like the product's local instance; its
     token is the session's own (RAY_AUTH_TOKEN), not one written into ~/.ray."""
-    import os
     import urllib.error
     import urllib.request
 
@@ -61,16 +61,29 @@ def test_the_dashboards_job_api_refuses_requests_without_the_token(ray_session):
         assert response.status == 200
 
 
+@pytest.fixture
+def as_a_user(tmp_path, monkeypatch):
+    """The environment of a user who never heard of Ray's token: no RAY_AUTH_* variable (the test
+    session sets its own), and a home of the test's own, where Ray writes the token it makes.
+    Requested before `start_search`, which takes the environment when it is set up."""
+    for key in [key for key in os.environ if key.startswith("RAY_AUTH")]:
+        monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
 # Slow tier: a whole local search with its final run. In the fast one, test_cluster checks that a local
 # instance's address is on loopback, and the test above that the dashboard wants the token.
 @pytest.mark.slow
-def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_token(tmp_path, tiny_mnist_dir,
-                                                                                      start_search):
-    """A default local search (inline trials, then a final run over two DDP workers): every socket
-    of its process tree is on loopback, its DDP rendezvous store included, and its dashboard's job
-    API refuses a request without the token and answers one with it. The instance's token is the
-    test session's (RAY_AUTH_TOKEN, inherited), so nothing is written into ~/.ray."""
-    import os
+def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_token(as_a_user, tmp_path,
+                                                                                      tiny_mnist_dir, start_search):
+    """A default local search (inline trials, then a final run over two DDP workers), started as a
+    user would, with no token setting: every socket of its process tree is on loopback, its DDP
+    rendezvous store and gloo's included, and Ray turned token authentication on by itself: its
+    dashboard's job API refuses a request without the token and answers one with the token Ray
+    wrote into the user's home (here the test's own)."""
     import re
     import signal
     import threading
@@ -78,6 +91,7 @@ def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_to
     import urllib.request
 
     from helpers import Listeners
+    from train_sockets import TrainWorkerSockets
 
     # Not --quiet: the workers' output reaches the console, where the final run's progress must show
     # and Ray's per-report lines and the stream's progress bars must not.
@@ -88,7 +102,7 @@ def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_to
     watchdog.start()
     answers, lines = {}, []
     try:
-        with Listeners(process.pid) as listeners:
+        with Listeners(process.pid) as listeners, TrainWorkerSockets(process.pid) as train_sockets:
             for line in process.stdout:
                 lines.append(line)
                 found = re.search(r"ray: dashboard at (\S+)", line)
@@ -97,8 +111,8 @@ def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_to
                     with pytest.raises(urllib.error.HTTPError) as refused:
                         urllib.request.urlopen(url, timeout=10)
                     answers["without"] = refused.value.code
-                    request = urllib.request.Request(
-                        url, headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+                    token = (as_a_user / ".ray" / "auth_token").read_text().strip()
+                    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
                     with urllib.request.urlopen(request, timeout=10) as response:
                         answers["with"] = response.status
             process.wait(timeout=60)
@@ -114,3 +128,8 @@ def test_a_local_search_listens_on_loopback_alone_and_its_dashboard_wants_the_to
     assert answers == {"without": 401, "with": 200}, output
     assert listeners.of("RayTrainWorker") and listeners.of("raylet") and listeners.of("dashboard"), listeners.seen
     assert not listeners.beyond_loopback(), listeners.beyond_loopback()
+    # The DDP final run's own sockets were seen, not missed between two polls: rank 0's rendezvous
+    # store and gloo's listener(s), each connected to by the other worker, all on loopback.
+    between = train_sockets.between_workers()
+    assert len(between) >= 2, (between, train_sockets.listening, train_sockets.connected)
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in between), between
