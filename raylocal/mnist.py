@@ -162,7 +162,7 @@ def load_mnist(
 def _not_found(tried: list[str], cache: Path) -> MnistNotFoundError:
     names = ", ".join(f"{name}[.gz]" for name in NAMES)
     return MnistNotFoundError(
-        "MNIST not found; tried, in order:\n  - " + "\n  - ".join(tried) + "\n"
+        "MNIST not found; tried, in order: " + "; ".join(tried) + ". "
         f"Put the four IDX files ({names}) in a directory and pass --data-dir DIR "
         f"or set RAYLOCAL_DATA_DIR=DIR, or put them in the cache {cache}."
     )

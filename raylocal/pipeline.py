@@ -22,17 +22,20 @@ from raylocal.storage import Storage, StorageError, one_line
 def run(settings: Settings, log=print) -> dict[str, Any]:
     """One search, from settings to an exported model; returns the model card's summary."""
     from raylocal.cluster import connect, environment
+    from raylocal.mnist import load_mnist
 
     started = time.time()
     plan = plan_search(settings)
     check_destinations(plan)
+    # Before Ray starts: a missing or damaged data folder is one line, not one among Ray's.
+    mnist = load_mnist(settings.data_dir, verify=not settings.unverified_data, log=log)
     # The legacy CLIReporter is the one that can be told which columns matter.
     with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "0")):
         with connect(settings.address, quiet=settings.quiet, log=log):
-            return run_search(plan, log=log, started=started)
+            return run_search(plan, mnist, log=log, started=started)
 
 
-def run_search(plan: Plan, log=print, started: float | None = None) -> dict[str, Any]:
+def run_search(plan: Plan, mnist, log=print, started: float | None = None) -> dict[str, Any]:
     """Layout, data, search, final training, export, report: the steps of one command, in order."""
     from raylocal.final import run_final
     from raylocal.publish import export_best, summary_table
@@ -42,7 +45,7 @@ def run_search(plan: Plan, log=print, started: float | None = None) -> dict[str,
     settings = plan.settings
     time_budget = (TimeBudget.for_command(plan.budget_minutes, started, plan.final.enabled, plan.search_share,
                                           plan.views) if plan.budget_minutes else None)
-    data, trial_settings, results = run_trials(plan, time_budget, log)
+    data, trial_settings, results = run_trials(plan, mnist, time_budget, log)
     final = None
     if plan.final.enabled:
         final = run_final(results, data, trial_settings, plan.final, cluster_final_layout(settings), time_budget,
@@ -79,12 +82,11 @@ def publish_report(plan: Plan, log=print) -> str:
         return upload(plan.folder.child("report"), folder, "report", log)
 
 
-def run_trials(plan: Plan, time_budget: TimeBudget | None, log=print):
+def run_trials(plan: Plan, mnist, time_budget: TimeBudget | None, log=print):
     """The data once, then the Tune search; (the data, the trials' settings, Tune's ResultGrid)."""
     from ray import tune
 
     from raylocal.data import build_search_data
-    from raylocal.mnist import load_mnist
     from raylocal.resources import cluster_layout
     from raylocal.trial import TrialSettings, run_trial
     from raylocal.tuner import describe_search, filled_rungs, make_tuner
@@ -95,7 +97,6 @@ def run_trials(plan: Plan, time_budget: TimeBudget | None, log=print):
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-    mnist = load_mnist(settings.data_dir, verify=not settings.unverified_data, log=log)
     data = build_search_data(mnist, experiment.data, budget.max_epochs, settings.seed, log=log)
     trial_settings = TrialSettings(
         max_epochs=budget.max_epochs, first_epoch_reports=budget.first_epoch_reports,

@@ -78,6 +78,22 @@ def resumable_search(tmp_path: Path) -> str:
     return str(tmp_path / "old")
 
 
+def truncated_mnist(tmp_path) -> str:
+    """The four IDX files, one of them cut short."""
+    import numpy as np
+
+    from helpers import tiny_digits
+    from raylocal.mnist import write_idx_files
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx_files(folder, *tiny_digits(rng, 20), *tiny_digits(rng, 10))
+    first = sorted(folder.iterdir())[0]
+    first.write_bytes(first.read_bytes()[:100])
+    return str(folder)
+
+
 # Every row of the README's table of mistakes that fails before Ray starts; each flag is a function
 # of the test's folder where it needs files made there first.
 MISTAKES = [
@@ -100,6 +116,8 @@ MISTAKES = [
     (["--resume", lambda t: str(t / "nothing-here")], "no raylocal search to resume at"),
     (["--resume", resumable_search, "--trials", "9"], "--trials 9 differs"),
     (["--time-budget", "2"], "--time-budget 2 min leaves no time to train"),
+    (["--data-dir", lambda t: str(t / "no-mnist-here")], "MNIST not found; tried, in order: "),
+    (["--data-dir", truncated_mnist, "--unverified-data"], "broken gzip"),
 ]
 
 
