@@ -144,20 +144,23 @@ def test_experiment_file_with_unknown_key_names_it(tmp_path, capsys):
     assert "budget.epochs" in capsys.readouterr().err
 
 
-def test_an_address_where_nothing_listens_fails_fast_with_one_message(tmp_path):
+def test_an_address_where_nothing_listens_fails_fast_with_one_message(tmp_path, tiny_mnist_dir):
     # A fresh process, as a user starts it: this one may hold the session's Ray connection.
     address = f"127.0.0.1:{free_port()}"  # closed again at once: nothing listens there
     done = subprocess.run([sys.executable, "-m", "raylocal.tune", "--address", address, "--storage",
-                           str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "results"), "--data-dir", str(tiny_mnist_dir), "--unverified-data"],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"--address {address}: no Ray cluster answers there" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_an_address_other_than_the_connected_cluster_is_refused_not_ignored(ray_session, tmp_path, capsys):
+def test_an_address_other_than_the_connected_cluster_is_refused_not_ignored(ray_session, tmp_path, tiny_mnist_dir,
+                                                                             capsys):
     # Python users may call raylocal with Ray already initialized; searching that cluster instead
     # of the one named would ignore the flag (and started a 19-minute search in a test).
     address = f"127.0.0.1:{free_port()}"
-    assert cli(["--address", address, "--storage", str(tmp_path / "results")]) == 2
+    assert cli(["--address", address, "--storage", str(tmp_path / "results"), "--data-dir", str(tiny_mnist_dir),
+                "--unverified-data"]) == 2
     err = capsys.readouterr().err
     assert f"--address {address}: this process is already connected to the Ray cluster at" in err
     assert "Traceback" not in err and not (tmp_path / "results").exists()

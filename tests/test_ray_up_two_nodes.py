@@ -85,14 +85,28 @@ def sshd_config(work: Path, machine: str, key: Path) -> str:
         """)
 
 
+# A private /tmp (the folder given) that still shows the paths every machine needs at their own
+# paths: the test's folder, this Python environment and the repository, which CI keeps under /tmp.
+KEEP_BEFORE = """\
+keep_before() {
+  local i=0 path
+  for path in "$WORK" "$PYTHON_PREFIX" "$REPO"; do
+    mkdir -p /run/keep/$i && mount --bind "$path" /run/keep/$i; i=$((i + 1))
+  done
+  mount --bind "$1" /tmp
+  i=0
+  for path in "$WORK" "$PYTHON_PREFIX" "$REPO"; do
+    mkdir -p "$path" && mount --bind /run/keep/$i "$path"; i=$((i + 1))
+  done
+}
+"""
+
 # Each machine, in its own network namespace: own PID and mount namespaces, own /run, /tmp and home.
-MACHINE = """\
+MACHINE = KEEP_BEFORE + """\
 set -euo pipefail
 M=$1
 mount -t tmpfs tmpfs /run
-mkdir /run/work && mount --bind "$WORK" /run/work
-mount --bind "$WORK/$M/tmp" /tmp
-mkdir -p "$WORK" && mount --bind /run/work "$WORK"
+keep_before "$WORK/$M/tmp"
 mount -t overlay overlay -o "lowerdir=$ROOT_HOME,upperdir=$WORK/$M/home-upper,workdir=$WORK/$M/home-work" "$ROOT_HOME"
 mkdir -p /run/sshd
 "$SSHD" -f "$WORK/$M/sshd_config" -E "$WORK/$M/sshd.log"
@@ -101,13 +115,11 @@ while true; do sleep 1; done
 """
 
 # The outer namespace: the network, the S3 server, the machines, then the user's flow.
-OUTER = """\
+OUTER = KEEP_BEFORE + """\
 set -euo pipefail
 ip link set lo up
 mount -t tmpfs tmpfs /run
-mkdir /run/work && mount --bind "$WORK" /run/work
-mount --bind "$WORK/client/tmp" /tmp
-mkdir -p "$WORK" && mount --bind /run/work "$WORK"
+keep_before "$WORK/client/tmp"
 ip link add br0 type bridge
 ip addr add "$BRIDGE/24" dev br0
 ip link set br0 up
@@ -268,7 +280,8 @@ def flow_environment(work: Path, root_home: Path) -> dict[str, str]:
            if key not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", LOOPBACK_SWITCH, "RAY_ADDRESS", "TMPDIR", "RAY_TMPDIR")
            and not key.startswith("AWS_")}
     return env | s3 | {
-        "WORK": str(work), "REPO": str(ROOT), "SSHD": next(p for p in SSHD_PATHS if os.access(p, os.X_OK)),
+        "WORK": str(work), "REPO": str(ROOT), "PYTHON_PREFIX": sys.prefix,
+        "SSHD": next(p for p in SSHD_PATHS if os.access(p, os.X_OK)),
         "ROOT_HOME": str(root_home), "HOME": str(work / "client" / "home"), "BRIDGE": BRIDGE,
         "HEAD_IP": MACHINES["head"], "WORKER_IP": MACHINES["worker"], "S3_PORT": str(S3_PORT),
         "BUCKET": BUCKET, "NAME": NAME, "RUNTIME_ENV": json.dumps({"env_vars": s3}), "RAY_PROCESS": RAY_PROCESS.pattern,

@@ -293,7 +293,7 @@ def test_a_search_killed_in_its_final_phase_resumes_the_final_run(ray_session, t
 
 
 def test_a_resumed_search_under_a_time_budget_keeps_its_share_and_final_plan_and_counts_from_its_own_start(
-        tmp_path, monkeypatch):
+        tmp_path, tiny_mnist_dir, monkeypatch):
     """The budget of a resumed command is the one the search was started with, its search share
     too, counted from when the resumed command started (its time before the kill is gone); a final
     run it started keeps the epochs it planned, whatever a plan from the time left would say."""
@@ -313,14 +313,15 @@ def test_a_resumed_search_under_a_time_budget_keeps_its_share_and_final_plan_and
     folder = tmp_path / "old"
     folder.mkdir()
     (folder / "raylocal_search.json").write_text(json.dumps({
-        "flags": {"seed": 0, "time_budget": 7.0, "search_share": 0.6}, "experiment": Experiment().describe()}))
+        "flags": {"seed": 0, "time_budget": 7.0, "search_share": 0.6, "data_dir": str(tiny_mnist_dir),
+                  "unverified_data": True}, "experiment": Experiment().describe()}))
     settings = Settings.from_args(get_args_parser().parse_args(["--resume", str(folder)]))
     budgets = []
 
     class Stop(Exception):
         pass
 
-    def run_trials(plan, time_budget, log):
+    def run_trials(plan, mnist, time_budget, log):
         budgets.append(time_budget)
         raise Stop
 
