@@ -27,8 +27,9 @@ def run(settings: Settings, log=print) -> dict[str, Any]:
     started = time.time()
     plan = plan_search(settings)
     check_destinations(plan)
-    # Before Ray starts: a missing or damaged data folder is one line, not one among Ray's.
-    mnist = load_mnist(settings.data_dir, verify=not settings.unverified_data, log=log)
+    # Before Ray starts: a missing or damaged data folder is one line, not one among Ray's. The
+    # plan's settings: a resumed search reads the data it was started with.
+    mnist = load_mnist(plan.settings.data_dir, verify=not plan.settings.unverified_data, log=log)
     # The legacy CLIReporter is the one that can be told which columns matter.
     with environment(RAY_AIR_NEW_OUTPUT=os.environ.get("RAY_AIR_NEW_OUTPUT", "0")):
         with connect(settings.address, quiet=settings.quiet, log=log):
