@@ -147,8 +147,9 @@ def through_serve(export_dir: Path, bodies: list[bytes], args) -> dict[str, floa
                                            cpus_per_replica=args.cpus_per_replica)
                 serve.run(app, name=raylocal_serve.APP_NAME, route_prefix="/")
                 rates[label] = load(url, bodies, args, label)
-            # HTTP and Serve's hops alone: no decoding, no model.
-            load(url.replace("/predict", "/healthz"), [None], args, "GET /healthz (no decoding, no model)", "requests/s")
+                if batch > 1:  # HTTP and Serve's hops alone, on the same deployment: no decoding, no model.
+                    load(url.replace("/predict", "/healthz"), [None], args, "GET /healthz (no decoding, no model)",
+                         "requests/s")
         finally:
             serve.shutdown()
     return rates

@@ -30,6 +30,8 @@ from pathlib import Path
 from raylocal.cli import UsageError, run
 
 MAX_CANVASES = 256
+# Bodies up to this size are decoded on the replica's event loop (a canvas PNG is well under 1 KiB).
+INLINE_BYTES = 64 * 1024
 APP_NAME = "raylocal"
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -168,13 +170,20 @@ def parse_canvases(body: bytes) -> list:
     return [canvas_from_values(canvas) for canvas in values]
 
 
+def runtime_for(device: str) -> str:
+    """onnxruntime on CPUs; on a GPU, the exported program (onnxruntime here has no CUDA provider)."""
+    return "onnx" if device == "cpu" else "pt2"
+
+
 class Predictor:
     """The export's model on one device: (logits, boxes) as numpy for uint8 canvases [N,75,75]. Built
-    from the file's bytes, so that a replica on another node needs no copy of the export."""
+    from the file's bytes, so that a replica on another node needs no copy of the export. The runtime
+    follows the device (`runtime_for`); naming it runs model.pt2 on a CPU too, which tests use."""
 
-    def __init__(self, model: bytes, device: str = "cpu", threads: int = 1):
+    def __init__(self, model: bytes, device: str = "cpu", threads: int = 1, runtime: str | None = None):
         self.device = device
-        if device == "cpu":
+        self.runtime = runtime or runtime_for(device)
+        if self.runtime == "onnx":
             import onnxruntime
 
             options = onnxruntime.SessionOptions()
@@ -191,13 +200,14 @@ class Predictor:
             self.program = move_to_device_pass(torch.export.load(io.BytesIO(model)), device).module()
 
     @classmethod
-    def of(cls, export_dir: Path, device: str = "cpu", threads: int = 1) -> Predictor:
-        return cls(model_bytes(export_dir, device), device, threads)
+    def of(cls, export_dir: Path, device: str = "cpu", threads: int = 1, runtime: str | None = None) -> Predictor:
+        runtime = runtime or runtime_for(device)
+        return cls(model_bytes(export_dir, runtime), device, threads, runtime)
 
     def __call__(self, canvases):
         import numpy as np
 
-        if self.device == "cpu":
+        if self.runtime == "onnx":
             images = canvases[:, None].astype(np.float32) / np.float32(255)
             logits, boxes = self.session.run(["logits", "boxes"], {"images": images})
             return logits, boxes
@@ -209,8 +219,8 @@ class Predictor:
         return logits.float().cpu().numpy(), boxes.float().cpu().numpy()
 
 
-def model_bytes(export_dir: Path, device: str) -> bytes:
-    return (export_dir / ("model.onnx" if device == "cpu" else "model.pt2")).read_bytes()
+def model_bytes(export_dir: Path, runtime: str) -> bytes:
+    return (export_dir / f"model.{runtime}").read_bytes()
 
 
 # --- the Serve application ----------------------------------------------------------------------------
@@ -247,9 +257,12 @@ def deployment(export_dir: Path, device: str, max_batch_size: int, batch_wait_s:
             if request.method != "POST":
                 return JSONResponse({"error": "POST an image or JSON canvases to /predict"}, 405)
             body = await request.body()
+            content_type = request.headers.get("content-type", "")
             try:
-                # Decoding in a thread lets this replica batch other requests meanwhile.
-                prepared = await asyncio.to_thread(parse_request, body, request.headers.get("content-type", ""))
+                # A large body decodes in a thread so that the replica batches other requests meanwhile; a
+                # small one inline, since the thread's hop costs more than it (docs/decisions.md#serve-decoding).
+                prepared = (parse_request(body, content_type) if len(body) <= INLINE_BYTES
+                            else await asyncio.to_thread(parse_request, body, content_type))
             except RequestError as error:
                 return JSONResponse({"error": str(error)}, error.status)
             outputs = await asyncio.gather(*(self.infer(image.canvas) for image in prepared))
@@ -274,7 +287,7 @@ def build(export_dir: str | Path, *, device: str = "cpu", replicas: int = 1, aut
                "max_ongoing_requests": 2 * max_batch_size, **scaling}
     localizer = deployment(export_dir, device, max_batch_size, batch_wait_ms / 1000)
     # The model travels as bytes through Ray's object store: replicas need no copy of the folder.
-    return localizer.options(**options).bind(model_bytes(export_dir, device), cpus_per_replica)
+    return localizer.options(**options).bind(model_bytes(export_dir, runtime_for(device)), cpus_per_replica)
 
 
 def app_builder(args: dict):

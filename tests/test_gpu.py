@@ -1,6 +1,6 @@
 """On a real GPU (marked `gpu`, skipped where CUDA is absent): fractional-GPU and DDP searches,
 a CUDA-trained checkpoint through the export, bf16 training that stays finite, its convolutions
-really computed in bf16.
+really computed in bf16, and serving's exported program on CUDA.
 
 `experiments/gpu_check.sh` runs these with the GPU benchmarks; on machines without CUDA each
 test says why it is skipped.
@@ -124,3 +124,17 @@ def test_cuda_checkpoint_exports_and_onnxruntime_on_cpu_matches(tmp_path, tiny_m
     for expected, pt2, ort in zip(eager, program, onnx):
         np.testing.assert_allclose(pt2, expected, atol=1e-4)
         np.testing.assert_allclose(ort, expected, atol=1e-4)
+
+
+def test_serving_on_cuda_runs_the_exported_program_and_matches_onnxruntime(tmp_path):
+    """`raylocal serve --device cuda`'s runtime: model.pt2's program on the GPU, answering as onnxruntime does on CPUs."""
+    from raylocal.serve import Predictor
+
+    torch.manual_seed(0)
+    export_dir = export_model(build_model(Hyperparameters(depth=3, width=8).model_config()).eval(),
+                              tmp_path / "export", {}, log=lambda _: None)
+    canvases = np.random.default_rng(0).integers(0, 256, (5, 75, 75), dtype=np.uint8)
+    on_gpu = Predictor.of(export_dir, device="cuda")
+    assert on_gpu.runtime == "pt2" and next(on_gpu.program.parameters()).device.type == "cuda"
+    for served, reference in zip(on_gpu(canvases), Predictor.of(export_dir)(canvases)):
+        np.testing.assert_allclose(served, reference, atol=1e-3)

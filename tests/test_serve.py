@@ -215,6 +215,17 @@ def test_a_bounded_load_from_8_clients_loses_no_request(serve_url, images):
         assert answer["confidence"] == pytest.approx(want[index]["confidence"], abs=1e-5)
 
 
+def test_the_exported_program_runtime_answers_as_onnxruntime(export_dir):
+    """The GPU path's runtime (model.pt2's program, here on the CPU) against onnxruntime's on the same canvases;
+    the tests in test_gpu.py run it on CUDA."""
+    canvases = np.stack([sample_images()["canvas"], 255 - sample_images()["canvas"], np.zeros((CANVAS, CANVAS), np.uint8)])
+    onnx = serve.Predictor.of(export_dir)
+    program = serve.Predictor.of(export_dir, runtime="pt2")
+    assert (onnx.runtime, program.runtime) == ("onnx", "pt2")
+    for served, reference in zip(program(canvases), onnx(canvases)):
+        np.testing.assert_allclose(served, reference, atol=1e-4)
+
+
 def test_a_storage_uri_that_cannot_be_read_is_one_line_before_ray_starts(monkeypatch, capsys):
     # A store that does not answer (nothing listens on the port); never AWS's own addresses.
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
