@@ -29,6 +29,7 @@ Built on Ray 2.60's ASHA bracket (Ray is pinned; `tests/test_stopping.py` checks
 from __future__ import annotations
 
 import json
+import logging
 import math
 import posixpath
 
@@ -37,6 +38,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 from raylocal.config import Budget
+
+logger = logging.getLogger(__name__)
 
 
 class FilledRungBracket(_Bracket):
@@ -101,6 +104,8 @@ class ResumableASHA(ASHAScheduler):
                 and result.get(self._time_attr, 0) < self._max_t and score is not None and not math.isnan(score))
         if kept:
             self._num_stopped -= 1
+            logger.info("ASHA would stop the start point (trial %s) at epoch %g: it trains on (keep_start_point)",
+                        trial.trial_id, result[self._time_attr])
             return TrialScheduler.CONTINUE
         return action
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_filled_rungs_only_where_asked_for_and_a_final_phase_follows():
     assert not filled_rungs(plan(), no_room)  # no final phase fits after the search
 
 
-def test_the_start_point_is_never_stopped_unless_it_scores_nan(tmp_path):
+def test_the_start_point_is_never_stopped_unless_it_scores_nan(tmp_path, caplog):
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
@@ -147,7 +148,10 @@ def test_the_start_point_is_never_stopped_unless_it_scores_nan(tmp_path):
     kept = trial(scheduler, dict(start))
     assert at_rung(scheduler, trial(scheduler, {"width": 8, "lr": 0.003}), 0.9) == TrialScheduler.CONTINUE
     assert at_rung(scheduler, trial(scheduler, {"width": 8, "lr": 0.001}), 0.5) == TrialScheduler.STOP
-    assert at_rung(scheduler, kept, 0.4) == TrialScheduler.CONTINUE  # below the cutoff (0.5) too, and kept
+    with caplog.at_level(logging.INFO, logger="raylocal.stopping"):
+        assert at_rung(scheduler, kept, 0.4) == TrialScheduler.CONTINUE  # below the cutoff (0.5) too, and kept
+    assert [record.getMessage() for record in caplog.records] == [
+        f"ASHA would stop the start point (trial {kept.trial_id}) at epoch 0.5: it trains on (keep_start_point)"]
     # Its result still sets the rung: the median of {0.9, 0.5, 0.4} lets a 0.6 through, which
     # {0.9, 0.5} alone (0.7) would stop.
     assert at_rung(scheduler, trial(scheduler, {"width": 8, "lr": 0.002}), 0.6) == TrialScheduler.CONTINUE
