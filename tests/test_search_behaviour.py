@@ -10,17 +10,17 @@ import logging
 
 import pytest
 
-TRIALS, SEED = 20, 1  # seed 1: the first seeded draws all train their boxes
+TRIALS, SEED = 20, 6
 EXPERIMENT = f"""
 [fixed]
 depth = 2
 [space]
 lr = {{ type = "loguniform", low = 1e-4, high = 3e-2 }}
-width = {{ type = "choice", values = [8, 16] }}
 # The start point takes the defaults moved into the space; a default that is not a choice takes the
-# first value. So it trains batches of 8 (4x the steps per epoch of 32: it reaches ASHA's rungs after
+# first value. So it trains a width-64 trunk on batches of 8 (slow: it reaches ASHA's rungs after
 # faster trials) with a box-loss weight of 0 (its boxes never learn: it scores below them there),
-# where ASHA means to stop it and must not.
+# where ASHA means to stop it and must not. Seed 6 draws fast trials first.
+width = {{ type = "choice", values = [64, 8] }}
 batch_size = {{ type = "choice", values = [8, 32] }}
 box_loss_weight = {{ type = "choice", values = [0.0, 1.0] }}
 head_width = {{ type = "choice", values = [4, 16] }}
