@@ -10,6 +10,8 @@ import logging
 
 import pytest
 
+# Its 20-trial search takes a minute and a half on 2 cores.
+pytestmark = pytest.mark.slow
 TRIALS, SEED = 20, 6
 EXPERIMENT = f"""
 [fixed]
