@@ -41,17 +41,19 @@ def search(start_search, tmp_path: Path, address: str, *flags: str, **kwargs) ->
                         "--time-budget", "0", *flags, **kwargs)
 
 
-class Listeners:
-    """The TCP sockets a process and all its descendants listen on, polled in a thread while
-    it runs (Ray's GCS, raylet, dashboard and workers, Train's workers with their rendezvous
-    store and gloo pairs): a set of (ip, port, command line)."""
+class ProcessTreeWatch:
+    """Polls a process and all its descendants in a thread while it runs (a context manager):
+    `observe` is called with each live process of the tree every `every` seconds."""
 
-    def __init__(self, pid: int, every: float = 0.3):
+    def __init__(self, pid: int, every: float):
         import threading
 
-        self.pid, self.every, self.seen = pid, every, set()
+        self.pid, self.every = pid, every
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def observe(self, process) -> None:
+        raise NotImplementedError
 
     def _watch(self) -> None:
         import psutil
@@ -61,18 +63,33 @@ class Listeners:
                 root = psutil.Process(self.pid)
                 for process in [root, *root.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
-                        command = " ".join(process.cmdline())  # whole: venv paths can be long
-                        self.seen |= {(c.laddr.ip, c.laddr.port, command) for c in process.net_connections("tcp")
-                                      if c.status == psutil.CONN_LISTEN}
+                        self.observe(process)
             self._done.wait(self.every)
 
-    def __enter__(self) -> Listeners:
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._done.set()
         self._thread.join(timeout=30)
+
+
+class Listeners(ProcessTreeWatch):
+    """The TCP sockets a process and all its descendants listen on, polled while it runs (Ray's
+    GCS, raylet, dashboard and workers, Train's workers with their rendezvous store and gloo
+    pairs): a set of (ip, port, command line)."""
+
+    def __init__(self, pid: int, every: float = 0.3):
+        super().__init__(pid, every)
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def observe(self, process) -> None:
+        import psutil
+
+        command = " ".join(process.cmdline())  # whole: venv paths can be long
+        self.seen |= {(c.laddr.ip, c.laddr.port, command) for c in process.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
 
     def beyond_loopback(self) -> list[str]:
         """Listeners on anything but loopback, one line each (IPv4 loopback mapped into IPv6 counts)."""

@@ -5,47 +5,29 @@ also listens on, is not one of them (the workers do not call one another through
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Self
+from helpers import ProcessTreeWatch
 
 TRAIN_WORKER = "RayTrainWorker"
 
 
-class TrainWorkerSockets:
+class TrainWorkerSockets(ProcessTreeWatch):
     """Polls a process tree while it runs: the TCP listeners and connections of its Train workers."""
 
     def __init__(self, pid: int, every: float = 0.2):
-        self.pid, self.every = pid, every
+        super().__init__(pid, every)
         self.listening: set[tuple[str, int, int]] = set()  # (ip, port, pid)
         self.connected: set[tuple[int, int]] = set()  # (remote port, pid of the connecting worker)
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def _watch(self) -> None:
+    def observe(self, process) -> None:
         import psutil
 
-        while not self._done.is_set():
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.pid)
-                for process in root.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        if TRAIN_WORKER not in " ".join(process.cmdline()):
-                            continue
-                        for c in process.net_connections("tcp"):
-                            if c.status == psutil.CONN_LISTEN:
-                                self.listening.add((c.laddr.ip, c.laddr.port, process.pid))
-                            elif c.raddr:
-                                self.connected.add((c.raddr.port, process.pid))
-            self._done.wait(self.every)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join(timeout=30)
+        if TRAIN_WORKER not in " ".join(process.cmdline()):
+            return
+        for c in process.net_connections("tcp"):
+            if c.status == psutil.CONN_LISTEN:
+                self.listening.add((c.laddr.ip, c.laddr.port, process.pid))
+            elif c.raddr:
+                self.connected.add((c.raddr.port, process.pid))
 
     def between_workers(self) -> list[tuple[str, int]]:
         """(ip, port) of each Train worker's listener that another Train worker connected to:
