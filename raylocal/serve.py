@@ -30,7 +30,7 @@ from pathlib import Path
 from raylocal.cli import UsageError, run
 
 MAX_CANVASES = 256
-# Bodies up to this size are decoded on the replica's event loop (a canvas PNG is well under 1 KiB).
+# Bodies up to this size (canvas PNGs, not photos) decode on the replica's event loop (docs/decisions.md#serve-decoding).
 INLINE_BYTES = 64 * 1024
 APP_NAME = "raylocal"
 DEVICES = ("auto", "cpu", "cuda")

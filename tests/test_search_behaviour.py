@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-# Its 20-trial search takes a minute and a half on 2 cores.
+# Its 20-trial search is a test of a minute or more: the slow tier (docs/testing.md).
 pytestmark = pytest.mark.slow
 TRIALS, SEED = 20, 6
 EXPERIMENT = f"""
